@@ -1,0 +1,83 @@
+"""Demonstration collection: run the scripted expert in the tasks and append episodes to a zarr store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from vla_stack.data.episode_store import EpisodeStore
+from vla_stack.errors import VlaStackError
+from vla_stack.policy.scripted import ScriptedExpert
+from vla_stack.sim.env import TabletopEnv
+from vla_stack.sim.tabletop import CAMERAS
+
+
+def store_features(env: TabletopEnv) -> dict:
+    names = list(env.robot.joint_names)
+    height, width = env.sim.image_size
+    features = {f"images.{c}": {"dtype": "uint8", "shape": [height, width, 3], "names": ["height", "width", "channel"]}
+                for c in env.cameras}
+    features["state"] = {"dtype": "float32", "shape": [len(names)], "names": names}
+    features["action"] = {"dtype": "float32", "shape": [len(names)], "names": names}
+    features["subtask_index"] = {"dtype": "int64", "shape": [], "names": None}
+    return features
+
+
+def default_store_path(data_dir: Path, task: str, robot: str) -> Path:
+    return data_dir / "datasets" / f"{task}-{robot}.zarr"
+
+
+def collect(task: str, robot: str, episodes: int, store_path: Path, seed_start: int = 0, image_size: int = 128,
+            keep_failures: bool = False, progress: bool = True) -> dict:
+    """Append `episodes` expert demonstrations. Seeds continue after the highest seed already in the store, so
+    an interrupted collection resumes without duplicating scenes."""
+    if episodes < 1:
+        raise VlaStackError("--episodes must be at least 1")
+    env = TabletopEnv(task, robot, image_size=image_size, cameras=CAMERAS)
+    try:
+        store = EpisodeStore.open_or_create(store_path, robot=robot, fps=env.control_hz, features=store_features(env))
+        used = [store.episode_meta(i)["seed"] for i in range(len(store))]
+        seed = max(seed_start, max(used, default=seed_start - 1) + 1)
+        expert = ScriptedExpert(env)
+        saved = attempts = failures = 0
+        bar = tqdm(total=episodes, desc=f"collect {task}/{robot}", disable=not progress, unit="ep")
+        while saved < episodes:
+            if attempts >= 3 * episodes + 10:
+                raise VlaStackError(f"expert failed {failures} of {attempts} episodes; stopping collection")
+            success = _record_episode(env, expert, store, seed, keep_failures)
+            attempts += 1
+            failures += not success
+            saved += success or keep_failures
+            seed += 1
+            bar.update(int(success or keep_failures))
+            bar.set_postfix(failed=failures)
+        bar.close()
+    finally:
+        env.close()
+    return {"store": str(store_path), "saved": saved, "attempts": attempts, "expert_failures": failures,
+            "episodes_in_store": len(store)}
+
+
+def _record_episode(env: TabletopEnv, expert: ScriptedExpert, store: EpisodeStore, seed: int,
+                    keep_failures: bool) -> bool:
+    obs, info = env.reset(seed=seed)
+    expert.reset(seed=seed)
+    with store.begin_episode(instruction=env.instruction, subtasks=info["subtasks"], task=env.family.name,
+                             seed=seed) as writer:
+        done = False
+        while not done:
+            action = expert.select_action(obs)
+            frame = {f"images.{c}": obs["images"][c] for c in env.cameras}
+            frame.update(state=obs["state"], action=np.asarray(action, np.float32),
+                         subtask_index=np.int64(info["subtask_index"]))
+            writer.add_frame(frame)
+            obs, _, terminated, truncated, info = env.step(action)
+            done = terminated or truncated
+        success = bool(info["success"])
+        if success or keep_failures:
+            writer.commit(success=success, extra={"steps": env.steps, "clipped_actions": info["clipped_actions"]})
+        else:
+            writer.discard()
+    return success

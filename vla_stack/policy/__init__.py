@@ -1,0 +1,1 @@
+"""Policies: everything that maps an observation to joint targets (scripted expert now, the VLA next)."""
