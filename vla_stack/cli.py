@@ -130,11 +130,12 @@ def demo(
         for task in FAMILIES:
             result = run_eval("expert", task, robot, episodes, video_dir=out / "videos", videos=1)
             low, high = result["wilson_95"]
-            video = result["videos"][0] if result["videos"] else ""
+            video = Path(result["videos"][0]).name if result["videos"] else ""
             table.add_row(robot, task, f"{result['successes']}/{episodes}", f"{low:.0%}-{high:.0%}", video)
             summary.append({k: result[k] for k in ("policy", "task", "robot", "episodes", "success_rate", "wilson_95",
                                                    "videos")})
     Console().print(table)
+    print(f"videos in {out / 'videos'}")
     _write_json({"results": summary}, out / "summary.json")
 
 

@@ -60,6 +60,13 @@ class GraspIK:
                 break
         return self.configuration.q[self._arm_qpos].copy()
 
+    def reachable(self, q_arm: np.ndarray, position: np.ndarray, rotation: np.ndarray, tolerance: float = 0.004) -> bool:
+        """Whether the pose can be reached (position within tolerance, orientation within ~3 degrees)."""
+        q = self.solve(q_arm, position, rotation, iterations=60)
+        reached, reached_rotation = self.forward(q)
+        angle = np.arccos(np.clip((np.trace(reached_rotation.T @ rotation) - 1) / 2, -1.0, 1.0))
+        return bool(np.linalg.norm(reached - position) < tolerance and angle < 0.05)
+
     def forward(self, q_arm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """World pose of the grasp site for the given arm joints."""
         q = self.configuration.q.copy()

@@ -37,8 +37,9 @@ def collect(task: str, robot: str, episodes: int, store_path: Path, seed_start: 
         raise VlaStackError("--episodes must be at least 1")
     env = TabletopEnv(task, robot, image_size=image_size, cameras=CAMERAS)
     try:
-        store = EpisodeStore.open_or_create(store_path, robot=robot, fps=env.control_hz, features=store_features(env))
-        used = [store.episode_meta(i)["seed"] for i in range(len(store))]
+        store = EpisodeStore.open_or_create(store_path, robot=robot, fps=int(env.control_hz),
+                                            features=store_features(env))
+        used = [meta.seed for i in store.episode_indices() if (meta := store.episode_meta(i)).seed is not None]
         seed = max(seed_start, max(used, default=seed_start - 1) + 1)
         expert = ScriptedExpert(env)
         saved = attempts = failures = 0

@@ -113,8 +113,11 @@ class ScriptedExpert:
                 gaps += [abs(np.linalg.norm(t - centre) - ring) for t in tips]
         return float(min(gaps))
 
-    def _grasp_yaw(self, cube: int, xy: np.ndarray) -> float:
+    def _grasp_yaw(self, cube: int, xy: np.ndarray, height: float) -> float:
         options = _face_yaws(self.sim.cube_yaw(cube), self.robot.neutral_yaw)
+        feasible = [yaw for yaw in options
+                    if self.ik.reachable(self.q_cmd, np.array([*xy, height]), down_rotation(yaw))]
+        options = feasible or options
         for yaw in options:
             if self._clearance(cube, xy, yaw) > 0.012:
                 return yaw
@@ -124,8 +127,8 @@ class ScriptedExpert:
         half = self.robot.cube_half
         for _ in range(self.max_attempts):
             pos = self.sim.cube_pos(cube)
-            yaw = self._grasp_yaw(cube, pos[:2])
             top = pos[2] + half
+            yaw = self._grasp_yaw(cube, pos[:2], top - self.robot.grasp_depth)
             xy = pos[:2] + self.grasp_offset
             yield from self._gripper(OPEN, 0.2)
             yield from self._move([*xy, top + self.hover], yaw, tolerance=0.01)

@@ -80,6 +80,8 @@ class RobotSpec:
     wrist_camera_target: tuple[float, float, float]  # point it looks at, in hand_body frame
     wrist_camera_up: tuple[float, float, float]  # image-up direction, in hand_body frame
     home_qpos: tuple[float, ...]
+    velocity_limits: tuple[float, ...]  # rad/s per arm joint (manufacturer data)
+    acceleration_limits: tuple[float, ...]  # rad/s^2 per arm joint
     base_pos: tuple[float, float, float]  # world position of the base on the table
     workspace: tuple[tuple[float, float], tuple[float, float]]  # world x and y ranges for objects
     reach: tuple[float, float]  # objects lie in this annulus around the base (top-down grasps stay feasible)
@@ -125,6 +127,8 @@ ROBOTS: dict[str, RobotSpec] = {
         wrist_camera_target=(0.0, 0.0, 0.32),
         wrist_camera_up=(0.707, -0.707, 0.0),
         home_qpos=(0.0, -0.07, 0.0, -2.09, 0.0, 0.45, 0.0),
+        velocity_limits=(2.175, 2.175, 2.175, 2.175, 2.61, 2.61, 2.61),  # Franka control parameters
+        acceleration_limits=(15.0, 7.5, 10.0, 12.5, 15.0, 20.0, 20.0),
         base_pos=(-0.45, 0.0, TABLE_Z),
         workspace=((-0.05, 0.22), (-0.25, 0.25)),
         reach=(0.35, 0.72),
@@ -156,6 +160,9 @@ ROBOTS: dict[str, RobotSpec] = {
         wrist_camera_target=(0.0, 0.0, -0.12),
         wrist_camera_up=(0.0, -1.0, 0.0),
         home_qpos=(0.0, -0.64, 0.68, 1.54, 0.05),
+        # Feetech STS3215 at 7.4 V: 0.222 s/60 deg no-load (~4.7 rad/s); derated for load.
+        velocity_limits=(3.0, 3.0, 3.0, 3.0, 3.0),
+        acceleration_limits=(20.0, 20.0, 20.0, 20.0, 20.0),
         base_pos=(-0.24, 0.0, TABLE_Z),
         workspace=((-0.11, 0.02), (-0.13, 0.13)),
         reach=(0.13, 0.255),

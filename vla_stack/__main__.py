@@ -1,0 +1,3 @@
+from vla_stack.cli import main
+
+main()
