@@ -127,7 +127,7 @@ def test_success_detectors_follow_the_physical_state(robot):
 def test_restore_needs_the_original_position():
     env = TabletopEnv("restore", "panda", cameras=())
     env.reset(seed=4)
-    sim, (put_in, put_back) = env.sim, env.task.subtasks
+    sim, (_, put_back) = env.sim, env.task.subtasks
     start = sim.cube_pos(0)
     assert put_back.goal.kind == "at" and np.allclose(put_back.goal.xy, start[:2], atol=0.01)
     assert sim.goal_reached(put_back.goal)  # trivially true before moving, which is why subtasks are ordered

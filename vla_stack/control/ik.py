@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import mink
-import mujoco
 import numpy as np
 
 from vla_stack.sim.robots import RobotSpec, load_robot_spec

@@ -5,7 +5,7 @@ compensation (both real arms run it in firmware) and one gripper command in [0, 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Callable
@@ -95,7 +95,6 @@ class RobotSpec:
     carry_height: float  # grasp-site height above the table while carrying
     neutral_yaw: float  # grasp yaw (about world z) at the home pose; grasps pick the closest cube face
     fingertips_open: tuple[float, ...]  # x of the open fingertips in the grasp frame (kept clear of neighbours)
-    extra: dict = field(default_factory=dict)
 
     @property
     def action_dim(self) -> int:
