@@ -2,7 +2,9 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTHON312 ?= $(shell command -v python3.12 2>/dev/null || ls $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3 2>/dev/null | tail -n 1)
+# A Python 3.12 that really runs: pyenv's install first (its shim may be inactive), then python3.12 on the PATH.
+PYTHON312 ?= $(shell for p in $$(ls -d $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3 2>/dev/null) python3.12; do \
+                 "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo "$$p"; break; }; done)
 
 # ROS 2 discovery stays on this machine; each run gets its own domain.
 export ROS_AUTOMATIC_DISCOVERY_RANGE := LOCALHOST
