@@ -39,6 +39,11 @@ setup(
     entry_points={
         "console_scripts": [
             "vla-stack = vla_stack.cli:main",
+            "sim_node = vla_stack.ros.sim_node:main",
+            "policy_node = vla_stack.ros.policy_node:main",
+            "teleop_node = vla_stack.ros.teleop_node:main",
+            "recorder_node = vla_stack.ros.recorder_node:main",
+            "safety_node = vla_stack.ros.safety_node:main",
         ],
     },
 )

@@ -162,15 +162,18 @@ def bench_sim(
     _write_json(result, json_out)
 
 
-def _mount_data_commands() -> None:
+def _mount_subcommands() -> None:
     from vla_stack.data.commands import dataset_app, export_app, import_app
+    from vla_stack.ros.commands import bench_ros, sim_eval
 
     app.add_typer(export_app, name="export")
     app.add_typer(import_app, name="import")
     app.add_typer(dataset_app, name="dataset")
+    app.command("sim-eval")(sim_eval)
+    bench_app.command("ros")(bench_ros)
 
 
-_mount_data_commands()
+_mount_subcommands()
 
 
 def main() -> None:

@@ -1,0 +1,47 @@
+"""Evaluate a policy in simulation through ROS: sim_node (MuJoCo, behaves like a ros2_control arm) + policy_node.
+
+    ros2 launch vla_stack sim_eval.launch.py robot:=panda task:=pick policy:=expert
+    ros2 launch vla_stack sim_eval.launch.py policy:=/path/to/checkpoint instruction_topic:=task/subtask
+
+instruction_topic:=task/subtask is the planner mode: the policy follows the subtask sequence (published by the
+sim's subtask tracker, or by a planner node remapped onto that topic) instead of the whole instruction.
+"""
+
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.substitutions import EnvironmentVariable, LaunchConfiguration, PathJoinSubstitution
+from launch_ros.actions import Node
+from launch_ros.substitutions import FindPackageShare
+
+from launch import LaunchDescription
+
+CONFIG = "sim_eval.yaml"
+
+
+def generate_launch_description() -> LaunchDescription:
+    config = PathJoinSubstitution([FindPackageShare("vla_stack"), "config", CONFIG])
+    arg = LaunchConfiguration
+    common = {"robot": arg("robot"), "use_sim_time": arg("use_sim_time")}
+    controller = {"controller": arg("controller")}
+    cameras = [("front/image_raw", arg("front_camera_topic")), ("wrist/image_raw", arg("wrist_camera_topic"))]
+    return LaunchDescription([
+        DeclareLaunchArgument("robot", default_value="panda", description="panda or so101"),
+        DeclareLaunchArgument("task", default_value="pick", description="pick, place, stack, sort or restore"),
+        DeclareLaunchArgument("policy", default_value="expert", description="'expert' or a checkpoint path"),
+        DeclareLaunchArgument("controller", default_value="arm_controller",
+                              description="joint_trajectory_controller name (<controller>/joint_trajectory)"),
+        DeclareLaunchArgument("front_camera_topic", default_value="front/image_raw"),
+        DeclareLaunchArgument("wrist_camera_topic", default_value="wrist/image_raw"),
+        DeclareLaunchArgument("instruction_topic", default_value="task/instruction",
+                              description="task/subtask to follow the subtask sequence (planner mode)"),
+        DeclareLaunchArgument("use_sim_time", default_value="false",
+                              description="Stamp with sim time and publish /clock"),
+        DeclareLaunchArgument("domain_id", default_value=EnvironmentVariable("ROS_DOMAIN_ID", default_value="0")),
+        SetEnvironmentVariable("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST"),
+        SetEnvironmentVariable("ROS_DOMAIN_ID", arg("domain_id")),
+        Node(package="vla_stack", executable="sim_node", name="sim_node", output="screen",
+             parameters=[config, common, controller, {"task": arg("task"), "publish_clock": arg("use_sim_time")}],
+             remappings=cameras),
+        Node(package="vla_stack", executable="policy_node", name="policy_node", output="screen",
+             parameters=[config, common, controller, {"policy": arg("policy"), "autostart": True}],
+             remappings=[*cameras, ("task/instruction", arg("instruction_topic"))]),
+    ])

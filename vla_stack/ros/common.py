@@ -1,0 +1,136 @@
+"""Helpers shared by the nodes: parameter declaration, message conversion, QoS profiles and the main() wrapper
+that turns SIGINT/SIGTERM into a clean shutdown."""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import rclpy
+from builtin_interfaces.msg import Duration, Time
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.exceptions import ParameterException
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
+from rclpy.signals import SignalHandlerOptions
+from sensor_msgs.msg import CameraInfo, Image, JointState
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+from vla_stack.errors import VlaStackError
+
+# Publishers are reliable (any subscriber can connect); image/state subscribers take best effort, newest only.
+PUBLISH_QOS = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+SENSOR_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.BEST_EFFORT, history=HistoryPolicy.KEEP_LAST)
+COMMAND_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+# Task facts (instruction, task info) reach late joiners, like a latched topic.
+LATCHED_QOS = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def param(node: Node, name: str, default, description: str, read_only: bool = False):
+    """Declare a parameter with a descriptor and return its value."""
+    node.declare_parameter(name, default, ParameterDescriptor(description=description, read_only=read_only))
+    return node.get_parameter(name).value
+
+
+def seconds(stamp: Time) -> float:
+    return stamp.sec + stamp.nanosec * 1e-9
+
+
+def duration(t: float) -> Duration:
+    ns = round(t * 1e9)
+    return Duration(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)
+
+
+def image_msg(rgb: np.ndarray, stamp: Time, frame_id: str) -> Image:
+    height, width = rgb.shape[:2]
+    msg = Image(height=height, width=width, encoding="rgb8", is_bigendian=0, step=3 * width)
+    msg.header.stamp, msg.header.frame_id = stamp, frame_id
+    msg.data = np.ascontiguousarray(rgb, dtype=np.uint8).tobytes()
+    return msg
+
+
+def image_array(msg: Image) -> np.ndarray:
+    """rgb8 (or bgr8) Image -> uint8 HxWx3 RGB; other encodings raise ValueError."""
+    if msg.encoding not in ("rgb8", "bgr8"):
+        raise ValueError(f"image encoding {msg.encoding} is not supported (use rgb8 or bgr8)")
+    rows = np.frombuffer(bytes(msg.data), np.uint8).reshape(msg.height, msg.step)
+    rgb = rows[:, : 3 * msg.width].reshape(msg.height, msg.width, 3)
+    return rgb[..., ::-1].copy() if msg.encoding == "bgr8" else rgb.copy()
+
+
+def camera_info_msg(width: int, height: int, fovy_deg: float, stamp: Time, frame_id: str) -> CameraInfo:
+    """Pinhole intrinsics of a MuJoCo camera (square pixels, principal point at the centre)."""
+    f = 0.5 * height / math.tan(math.radians(fovy_deg) / 2)
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    msg = CameraInfo(width=width, height=height, distortion_model="plumb_bob", d=[0.0] * 5)
+    msg.header.stamp, msg.header.frame_id = stamp, frame_id
+    msg.k = [f, 0.0, cx, 0.0, f, cy, 0.0, 0.0, 1.0]
+    msg.r = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    msg.p = [f, 0.0, cx, 0.0, 0.0, f, cy, 0.0, 0.0, 0.0, 1.0, 0.0]
+    return msg
+
+
+def trajectory_msg(joint_names: Sequence[str], times: Sequence[float], positions: np.ndarray) -> JointTrajectory:
+    """A JointTrajectory starting on receipt (zero header stamp), positions only (linear interpolation)."""
+    msg = JointTrajectory(joint_names=list(joint_names))
+    msg.points = [JointTrajectoryPoint(positions=[float(v) for v in row], time_from_start=duration(t))
+                  for t, row in zip(times, np.asarray(positions, float).reshape(len(times), -1))]
+    return msg
+
+
+def trajectory_arrays(msg: JointTrajectory) -> tuple[list[str], list[float], list[list[float]]]:
+    times = [p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in msg.points]
+    return list(msg.joint_names), times, [list(p.positions) for p in msg.points]
+
+
+def joint_positions(msg: JointState, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Positions and velocities of `names` from a JointState (any order, extra joints ignored); None if one is
+    missing or the message is malformed."""
+    index = {n: i for i, n in enumerate(msg.name)}
+    if any(n not in index for n in names) or len(msg.position) != len(msg.name):
+        return None
+    q = np.array([msg.position[index[n]] for n in names], float)
+    v = np.array([msg.velocity[index[n]] for n in names], float) if len(msg.velocity) == len(msg.name) else None
+    return q, v
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run(make_node: Callable[[], Node], threads: int = 4) -> None:
+    """Body of every node's main(): spin on a MultiThreadedExecutor until SIGINT/SIGTERM, then stop the node's
+    threads before the ROS context goes away. Bad configuration (VlaStackError, a parameter of the wrong type)
+    ends in one line on stderr and exit code 2."""
+    # Own signal handling: rclpy's handler would invalidate the context while worker threads still publish.
+    rclpy.init(args=sys.argv, signal_handler_options=SignalHandlerOptions.NO)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    node = None
+    executor = MultiThreadedExecutor(num_threads=threads)
+    code = 0
+    try:
+        node = make_node()
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except (VlaStackError, ParameterException) as exc:  # bad configuration: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if node is not None:
+            close = getattr(node, "close", None)
+            if close is not None:
+                close()
+            executor.remove_node(node)
+            node.destroy_node()
+        executor.shutdown(timeout_sec=1.0)
+        rclpy.try_shutdown()
+    sys.exit(code)

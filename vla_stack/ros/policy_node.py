@@ -1,0 +1,204 @@
+"""policy_node: a lifecycle node that turns camera images, joint states and the instruction into action chunks.
+
+configure loads the policy (`expert` or a checkpoint path), activate starts control, deactivate holds the arm.
+Inference runs on a worker thread, woken by each new image of the first camera (so image-to-command latency is
+inference plus transport) or after one control period without one, when the watchdog decides whether the inputs
+went stale; callbacks only store the newest messages, so they never block. Each chunk becomes a multi-point
+JointTrajectory (arm) plus one for the gripper, time-stamped at send time, through the safety layer. ~/status
+(JSON) says what the node does and why it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import String
+
+from vla_stack.errors import VlaStackError
+from vla_stack.ros.common import LATCHED_QOS, PUBLISH_QOS, SENSOR_QOS, image_array, joint_positions, param, run, seconds
+from vla_stack.ros.policy_source import load_source
+from vla_stack.ros.safety_gate import SafetyGate
+from vla_stack.safety import Watchdog
+from vla_stack.sim.robots import get_robot, gripper_ctrl, gripper_state
+from vla_stack.sim.tabletop import CAMERAS
+
+
+class PolicyNode(LifecycleNode):
+    def __init__(self, **kwargs):
+        super().__init__("policy_node", **kwargs)
+        self.robot = get_robot(param(self, "robot", "panda", "Robot model: panda or so101", True))
+        self.policy_name = param(self, "policy", "expert", "'expert' or a checkpoint path", True)
+        self.cameras = list(param(self, "cameras", list(CAMERAS), "Cameras the policy sees; images of the first "
+                                                                  "trigger inference", True))
+        self.action_dt = param(self, "action_dt", 0.1, "Seconds between the points of an action chunk (the "
+                                                       "policy's training frame period)", True)
+        max_age = param(self, "max_input_age", 0.2, "Hold when an image or joint state is older than this (s)", True)
+        self.period = 1.0 / param(self, "control_rate", 10.0, "Inference rate in Hz when images keep coming", True)
+        autostart = param(self, "autostart", False, "Configure and activate on start (launch files set it; tests "
+                                                    "and lifecycle managers leave it off and drive the transitions)",
+                          True)
+        self.workers = ReentrantCallbackGroup()
+        self.gate = SafetyGate(self, self.robot, self.workers)
+        self.watchdog = Watchdog([*(f"{c} image" for c in self.cameras), "joint_states"], max_age)
+        self.status_pub = self.create_publisher(String, "~/status", PUBLISH_QOS)
+        inputs = MutuallyExclusiveCallbackGroup()
+        for camera in self.cameras:
+            self.create_subscription(Image, f"{camera}/image_raw", lambda m, c=camera: self._on_image(c, m),
+                                     SENSOR_QOS, callback_group=inputs)
+        self.create_subscription(JointState, "joint_states", self._on_joints, SENSOR_QOS, callback_group=inputs)
+        self.create_subscription(String, "task/instruction", self._on_instruction, LATCHED_QOS, callback_group=inputs)
+        self.create_subscription(String, "oracle/world_state", self._on_oracle, SENSOR_QOS, callback_group=inputs)
+        self._images: dict[str, Image] = {}
+        self._joints: JointState | None = None
+        self._oracle: dict | None = None
+        self.instruction = ""
+        self._wake = threading.Condition()
+        self._fresh = False
+        self._active = False
+        self._thread: threading.Thread | None = None
+        self.source = None
+        self.commands = 0
+        self.holding: list[str] | None = None
+        if autostart:
+            self._autostart_timer = self.create_timer(0.0, self._autostart)
+
+    def _autostart(self) -> None:
+        self.destroy_timer(self._autostart_timer)
+        if self.trigger_configure() == TransitionCallbackReturn.SUCCESS:
+            self.trigger_activate()
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self.source = load_source(self.policy_name, self.robot, 1.0 / self.action_dt)
+        except VlaStackError as exc:
+            self.get_logger().error(f"cannot load policy: {exc}")
+            return TransitionCallbackReturn.FAILURE
+        self.get_logger().info(f"policy '{self.policy_name}' loaded")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active = True
+        self._thread = threading.Thread(target=self._control_loop, daemon=True, name="inference")
+        self._thread.start()
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_worker()
+        self.gate.hold("deactivated")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.source = None
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_worker()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _stop_worker(self) -> None:
+        self._active = False
+        with self._wake:
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5.0)
+            self._thread = None
+
+    def close(self) -> None:
+        self._stop_worker()
+
+    # ------------------------------------------------------------------------------------------- inputs
+    def _on_image(self, camera: str, msg: Image) -> None:
+        self._images[camera] = msg
+        self.watchdog.feed(f"{camera} image", seconds(msg.header.stamp))
+        if camera == self.cameras[0]:
+            with self._wake:
+                self._fresh = True
+                self._wake.notify()
+
+    def _on_joints(self, msg: JointState) -> None:
+        self._joints = msg
+        self.watchdog.feed("joint_states", seconds(msg.header.stamp))
+
+    def _on_instruction(self, msg: String) -> None:
+        self.instruction = msg.data
+
+    def _on_oracle(self, msg: String) -> None:
+        self._oracle = json.loads(msg.data)
+
+    # ------------------------------------------------------------------------------------------- control
+    def _control_loop(self) -> None:
+        while self._active:
+            # Wake on a new image, when an input is about to go stale, or after one control period at most.
+            expires = self.watchdog.expires()
+            timeout = self.period
+            if expires is not None and self.holding is None:
+                timeout = min(timeout, max(expires - self.get_clock().now().nanoseconds * 1e-9 + 1e-3, 1e-3))
+            with self._wake:
+                self._wake.wait_for(lambda: self._fresh or not self._active, timeout=timeout)
+                triggered, self._fresh = self._fresh, False
+            if not self._active:
+                break
+            now = self.get_clock().now()
+            stale = self.watchdog.stale(now.nanoseconds * 1e-9)
+            if stale:
+                self._hold(stale)
+            elif triggered:
+                self._step()
+
+    def _hold(self, reasons: list[str], why: str = "stale_inputs") -> None:
+        """Hold once per episode of trouble (the controller keeps holding), report why every period."""
+        if self.holding is None:
+            self.get_logger().warning(f"holding position: {'; '.join(reasons)}")
+            self.gate.hold(why)
+        self.holding = reasons
+        self._status("holding", reasons=reasons)
+
+    def _step(self) -> None:
+        joints, images = self._joints, dict(self._images)
+        measured = joint_positions(joints, [*self.robot.arm_joints, self.robot.gripper_joint])
+        if measured is None:
+            self._hold([f"joint_states lack the joints {[*self.robot.arm_joints, self.robot.gripper_joint]}"],
+                       "bad_joint_states")
+            return
+        q, v = measured
+        n = len(self.robot.arm_joints)
+        obs = {"images": {c: image_array(images[c]) for c in self.cameras},
+               "state": np.append(q[:n], gripper_state(self.robot, q[n])).astype(np.float32),
+               "instruction": self.instruction}
+        start = time.perf_counter()
+        try:
+            chunk = self.source.chunk(obs, self._oracle)
+        except (ValueError, VlaStackError) as exc:  # e.g. no oracle yet, or an observation the policy refuses
+            self._hold([f"policy cannot act: {exc}"], "policy_error")
+            return
+        inference_ms = (time.perf_counter() - start) * 1e3
+        times = self.action_dt * np.arange(1, len(chunk) + 1)
+        stamp = self.get_clock().now().to_msg()
+        sent = self.gate.send_arm(self.robot.arm_joints, times, chunk[:, :n], q[:n], None if v is None else v[:n], stamp)
+        if sent:
+            grip = [[gripper_ctrl(self.robot, g)] for g in chunk[:, n]]
+            self.gate.send_gripper([self.robot.gripper_joint], times, grip, q[n], stamp)
+            self.commands += 1
+            if self.holding is not None:
+                self.get_logger().info("inputs fresh again: resuming control")
+                self.holding = None
+        self._status("running" if sent else "rejected", obs_stamp=seconds(images[self.cameras[0]].header.stamp),
+                     command_stamp=seconds(stamp), inference_ms=round(inference_ms, 3), chunk=len(chunk))
+
+    def _status(self, state: str, **fields) -> None:
+        self.status_pub.publish(String(data=json.dumps({"state": state, "commands": self.commands, **fields})))
+
+
+def main() -> None:
+    run(PolicyNode)
+
+
+if __name__ == "__main__":
+    main()

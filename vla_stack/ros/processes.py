@@ -1,0 +1,81 @@
+"""Starting node graphs as separate processes (the benchmark and the multi-process tests) and driving a
+lifecycle node from outside, all on loopback in a chosen ROS domain."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import rclpy
+from lifecycle_msgs.msg import Transition
+from lifecycle_msgs.srv import ChangeState
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+
+
+def ros_env(domain_id: int | None = None) -> dict[str, str]:
+    """Environment for a ROS process of this stack: discovery on loopback only, a private domain."""
+    env = dict(os.environ)
+    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    env["ROS_DOMAIN_ID"] = str(domain_id if domain_id is not None else env.get("ROS_DOMAIN_ID") or
+                               random.randint(10, 200))
+    env.setdefault("MUJOCO_GL", "egl")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def ros_value(value) -> str:
+    """A parameter value in --ros-args -p syntax (YAML)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(ros_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return f"'{value}'"
+    return repr(value)
+
+
+def spawn_node(executable: str, params: dict, env: dict[str, str], remaps: dict[str, str] | None = None,
+               **popen) -> subprocess.Popen:
+    """Run `python -m vla_stack.ros.<executable> --ros-args ...` (what the console script runs)."""
+    args = [sys.executable, "-m", f"vla_stack.ros.{executable}", "--ros-args"]
+    for name, value in params.items():
+        args += ["-p", f"{name}:={ros_value(value)}"]
+    for old, new in (remaps or {}).items():
+        args += ["-r", f"{old}:={new}"]
+    return subprocess.Popen(args, env=env, **popen)
+
+
+def stop(processes: list[subprocess.Popen], timeout: float = 10.0) -> None:
+    """SIGTERM (the nodes shut down cleanly), then SIGKILL whatever did not exit."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def change_state(node: Node, target: str, transitions: list[int], timeout: float = 30.0) -> None:
+    """Drive the lifecycle node `target` through transitions (e.g. Transition.TRANSITION_CONFIGURE)."""
+    client = node.create_client(ChangeState, f"{target}/change_state")
+    executor = SingleThreadedExecutor(context=node.context)
+    try:
+        if not client.wait_for_service(timeout_sec=timeout):
+            raise TimeoutError(f"{target}/change_state did not appear within {timeout:.0f} s")
+        for transition in transitions:
+            future = client.call_async(ChangeState.Request(transition=Transition(id=transition)))
+            rclpy.spin_until_future_complete(node, future, executor, timeout_sec=timeout)
+            if future.result() is None or not future.result().success:
+                raise RuntimeError(f"{target}: lifecycle transition {transition} failed")
+    finally:
+        executor.shutdown()
+        node.destroy_client(client)
+
+
+CONFIGURE_ACTIVATE = [Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE]
