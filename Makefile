@@ -12,6 +12,8 @@ export ROS_DOMAIN_ID ?= $(shell echo $$(( $$$$ % 200 + 10 )))
 export MUJOCO_GL ?= egl
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
+# torch's OpenMP threads spin-wait by default, which starves the other processes on a 2-core machine.
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: demo test setup clean-venv
 

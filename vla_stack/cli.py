@@ -164,6 +164,7 @@ def bench_sim(
 
 def _mount_subcommands() -> None:
     from vla_stack.data.commands import dataset_app, export_app, import_app
+    from vla_stack.policy.vla.commands import bench_policy_command, train_command
     from vla_stack.ros.commands import bench_ros, sim_eval
 
     app.add_typer(export_app, name="export")
@@ -171,6 +172,8 @@ def _mount_subcommands() -> None:
     app.add_typer(dataset_app, name="dataset")
     app.command("sim-eval")(sim_eval)
     bench_app.command("ros")(bench_ros)
+    app.command("train")(train_command)
+    bench_app.command("policy")(bench_policy_command)
 
 
 _mount_subcommands()

@@ -37,7 +37,11 @@ def load_policy(name: str, env: TabletopEnv):
     path = Path(name)
     if not path.exists():
         raise VlaStackError(f"policy '{name}' is neither 'expert' nor an existing checkpoint directory")
-    raise VlaStackError(f"'{name}' is not a loadable checkpoint: this build evaluates only the scripted expert")
+    from vla_stack.policy.vla.runner import load_vla_policy
+
+    # The runner validates every observation (NaN/inf state or images raise InvalidObservationError) before
+    # it reaches the model.
+    return load_vla_policy(path, env.robot.name)
 
 
 def write_mp4(frames: list[np.ndarray], path: Path, fps: float) -> Path:

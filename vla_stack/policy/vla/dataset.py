@@ -1,0 +1,147 @@
+"""Training data: zarr episode stores or LeRobot v3 datasets -> in-RAM tensors -> padded, normalised action
+chunks with masks. The demo sets are small (a few hundred episodes at 64 px is ~1-2 GB), so everything is
+decoded once and batches are gathered by index: no dataloader workers competing for the two cores."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vla_stack.data.episode_store import EpisodeStore
+from vla_stack.errors import VlaStackError
+from vla_stack.policy.vla.configuration_vla import VlaConfig
+from vla_stack.policy.vla.normalize import Normalizer, compute_stats, dim_mask, pad
+
+
+@dataclass
+class Episode:
+    robot: str
+    instruction: str
+    images: np.ndarray  # (T, cameras, S, S, 3) uint8 at the model's image size
+    state: np.ndarray  # (T, D)
+    action: np.ndarray  # (T, D)
+
+
+def resize_images(frames: np.ndarray, size: int) -> np.ndarray:
+    """(..., H, W, 3) uint8 -> (..., size, size, 3). Integer down-scales average pixel blocks, so a 128 px
+    render seen at 64 px is the same whether it was stored at 128 px (training) or rendered live (eval)."""
+    h, w = frames.shape[-3:-1]
+    if (h, w) == (size, size):
+        return frames
+    lead = frames.shape[:-3]
+    x = torch.from_numpy(np.ascontiguousarray(frames).reshape(-1, h, w, 3)).permute(0, 3, 1, 2).float()
+    if h == w and h % size == 0:
+        out = F.avg_pool2d(x, h // size)
+    else:
+        out = F.interpolate(x, (size, size), mode="bilinear", antialias=True, align_corners=False)
+    out = out.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out.reshape(*lead, size, size, 3)
+
+
+def load_store(path: str | Path, cameras: tuple[str, ...], image_size: int) -> list[Episode]:
+    store = EpisodeStore.open(path)
+    missing = [c for c in cameras if f"images.{c}" not in store.features]
+    if missing or "state" not in store.features or "action" not in store.features:
+        raise VlaStackError(f"{path} lacks features needed for training: "
+                            f"{', '.join([f'images.{c}' for c in missing] or ['state/action'])}")
+    episodes = []
+    for i in store.episode_indices():
+        data = store.read_episode(i)
+        images = np.stack([resize_images(data[f"images.{c}"], image_size) for c in cameras], 1)
+        episodes.append(Episode(store.robot, store.episode_meta(i).instruction, images,
+                                data["state"].astype(np.float32), data["action"].astype(np.float32)))
+    return episodes
+
+
+def load_source(source: str | Path, cameras: tuple[str, ...], image_size: int) -> list[Episode]:
+    """A zarr episode store, or a LeRobot v3 dataset folder (meta/info.json), imported through vla_stack's
+    converter into a temporary store so both formats share one reader."""
+    source = Path(source)
+    if (source / "meta" / "info.json").is_file():
+        from vla_stack.data.lerobot_format import import_lerobot
+
+        with tempfile.TemporaryDirectory() as tmp:
+            import_lerobot(source, None, Path(tmp) / "store.zarr")
+            return load_store(Path(tmp) / "store.zarr", cameras, image_size)
+    return load_store(source, cameras, image_size)
+
+
+def dataset_stats(episodes: list[Episode]) -> dict:
+    """Per-robot state/action stats over all frames (the normaliser's input)."""
+    stats = {}
+    for robot in sorted({e.robot for e in episodes}):
+        eps = [e for e in episodes if e.robot == robot]
+        stats[robot] = {"state": compute_stats(np.concatenate([e.state for e in eps])),
+                        "action": compute_stats(np.concatenate([e.action for e in eps]))}
+    return stats
+
+
+class ChunkDataset:
+    """Every frame of every episode is a sample: its images, state, instruction and the next chunk_size
+    actions. Chunks running past the episode end repeat the last action and are masked out of the loss."""
+
+    def __init__(self, episodes: list[Episode], config: VlaConfig, normalizer: Normalizer):
+        if not episodes:
+            raise VlaStackError("no training episodes")
+        self.config = config
+        H, A, S = config.chunk_size, config.max_action_dim, config.max_state_dim
+        self.images = torch.from_numpy(np.concatenate([e.images for e in episodes]))  # (N, cams, S, S, 3)
+        self.instructions = sorted({e.instruction for e in episodes})
+        states, actions, steps_mask, dims_mask, emb, instr = [], [], [], [], [], []
+        for e in episodes:
+            T, D = e.action.shape
+            if D != len(config.embodiments.get(e.robot, ())):
+                raise VlaStackError(f"episodes of robot '{e.robot}' have {D} action dims; config.embodiments "
+                                    f"lists {len(config.embodiments.get(e.robot, ()))} joints for it")
+            act = pad(normalizer.normalize(e.robot, "action", e.action), A)
+            idx = np.minimum(np.arange(T)[:, None] + np.arange(H)[None], T - 1)
+            actions.append(act[idx])
+            steps_mask.append((np.arange(T)[:, None] + np.arange(H)[None] < T).astype(np.float32))
+            states.append(pad(normalizer.normalize(e.robot, "state", e.state), S))
+            dims_mask.append(np.repeat(dim_mask(D, A)[None], T, 0))
+            emb.append(np.full(T, config.embodiment_id(e.robot)))
+            instr.append(np.full(T, self.instructions.index(e.instruction)))
+        self.actions = torch.from_numpy(np.concatenate(actions))  # (N, H, A)
+        self.step_mask = torch.from_numpy(np.concatenate(steps_mask))  # (N, H)
+        self.dim_mask = torch.from_numpy(np.concatenate(dims_mask))  # (N, A); state uses the same real dims
+        self.states = torch.from_numpy(np.concatenate(states))
+        self.embodiment = torch.from_numpy(np.concatenate(emb)).long()
+        self.instruction_ids = torch.from_numpy(np.concatenate(instr)).long()
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def batch(self, indices: torch.Tensor, backbone, shift: float = 0.0,
+              generator: torch.Generator | None = None) -> dict:
+        images = self.images[indices].permute(0, 1, 4, 2, 3).float() / 255.0  # (B, cams, 3, S, S)
+        if shift > 0:
+            images = random_shift(images, shift, generator)
+        dmask = self.dim_mask[indices]
+        S = self.config.max_state_dim
+        return {
+            "images": images,
+            "text": backbone.encode_text([self.instructions[i] for i in self.instruction_ids[indices].tolist()]),
+            "state": self.states[indices],
+            "state_mask": dmask[:, :S],
+            "embodiment": self.embodiment[indices],
+            "actions": self.actions[indices],
+            "action_mask": self.step_mask[indices][:, :, None] * dmask[:, None, :],
+        }
+
+
+def random_shift(images: torch.Tensor, pad_frac: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DrQ-style augmentation: translate each image by up to pad_frac of its size (edge pixels repeat).
+    One grid_sample call for the whole batch."""
+    b, c, ch, h, w = images.shape
+    flat = images.reshape(b * c, ch, h, w)
+    shift = (torch.rand(b * c, 2, generator=generator) * 2 - 1) * (2 * pad_frac)
+    theta = torch.zeros(b * c, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, flat.shape, align_corners=False)
+    return F.grid_sample(flat, grid, padding_mode="border", align_corners=False).reshape(b, c, ch, h, w)

