@@ -94,6 +94,10 @@ def evaluate(
     videos: int = typer.Option(1, help="How many episodes to record when --video-dir is set."),
     instruction: Optional[str] = typer.Option(None, help="Replace the templated instruction with your own words."),
     seed_start: Optional[int] = typer.Option(None, help="First evaluation seed (default: the held-out range)."),
+    planner: str = typer.Option("none", help="Planner over the policy: none, mem (hierarchical memory) or wm "
+                                             "(world-model MCTS)."),
+    planner_checkpoint: Optional[Path] = typer.Option(None, help="Planner checkpoint directory (default: the "
+                                                                 "shipped one)."),
 ) -> None:
     """Closed-loop success rate of a policy, with a 95% Wilson interval."""
     from vla_stack.evaluation import HELDOUT_SEED_START, evaluate as run_eval
@@ -102,7 +106,8 @@ def evaluate(
 
     get_family(task), get_robot(robot)
     result = run_eval(policy, task, robot, episodes, seed_start=HELDOUT_SEED_START if seed_start is None else seed_start,
-                      video_dir=video_dir, videos=videos, instruction=instruction)
+                      video_dir=video_dir, videos=videos, instruction=instruction, planner=planner,
+                      planner_checkpoint=planner_checkpoint)
     low, high = result["wilson_95"]
     print(f"{policy} {task}/{robot}: success {result['successes']}/{episodes} = {result['success_rate']:.1%} "
           f"(95% CI {low:.1%}-{high:.1%})")

@@ -87,19 +87,24 @@ def run_episode(env: TabletopEnv, policy, seed: int, record_video: bool = False)
         "non_finite_actions": info["non_finite_actions"],
         "duration_s": round(time.perf_counter() - start, 3),
     }
+    if hasattr(policy, "episode_metrics"):
+        record["planner"] = policy.episode_metrics()
     return record, frames
 
 
 def evaluate(policy_name: str, task: str, robot: str, episodes: int, seed_start: int = HELDOUT_SEED_START,
              video_dir: Path | None = None, videos: int = 1, instruction: str | None = None,
-             image_size: int = 128, progress: bool = True) -> dict:
+             image_size: int = 128, progress: bool = True, planner: str = "none",
+             planner_checkpoint: Path | None = None) -> dict:
     if episodes < 1:
         raise VlaStackError("--episodes must be at least 1")
     # The scripted expert reads the simulator state: it renders only the frames of recorded videos.
     env = TabletopEnv(task, robot, image_size=image_size, instruction=instruction,
                       cameras=() if policy_name == "expert" else CAMERAS)
     try:
-        policy = load_policy(policy_name, env)
+        from vla_stack.planners import wrap_policy
+
+        policy = wrap_policy(planner, load_policy(policy_name, env), env, checkpoint=planner_checkpoint)
         results, video_paths = [], []
         start = time.perf_counter()
         bar = tqdm(range(episodes), desc=f"eval {policy_name} {task}/{robot}", disable=not progress, unit="ep")
@@ -117,6 +122,8 @@ def evaluate(policy_name: str, task: str, robot: str, episodes: int, seed_start:
     low, high = wilson_interval(successes, episodes)
     return {
         "policy": policy_name,
+        "planner": planner,
+        "planner_summary": policy.summary() if hasattr(policy, "summary") else None,
         "task": task,
         "robot": robot,
         "instruction_override": instruction,
