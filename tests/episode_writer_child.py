@@ -3,7 +3,8 @@ test regenerates to check what survived.
 
     python episode_writer_child.py STORE midway N   commit seeds 0..N-1, print MIDWAY inside episode N,
                                                     then keep adding frames until killed
-    python episode_writer_child.py STORE forever S  commit episodes with seeds S, S+1, ... until killed
+    python episode_writer_child.py STORE forever S  commit episodes with seeds S, S+1, ... until killed (prints
+                                                    COMMITTING after the first one)
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def main(path: str, mode: str, number: int) -> None:
     if mode == "forever":
         for seed in count(number):
             write_episode(store, seed)
+            if seed == number:  # the killer's random delay starts once writing is under way, however slow startup is
+                print("COMMITTING", flush=True)
     for seed in range(number):
         write_episode(store, seed)
     data = make_episode(number)
