@@ -83,6 +83,14 @@ def collect(
                   f"{result['expert_failures']} expert failures discarded)")
 
 
+def _key_values(items: list[str]) -> dict[str, str]:
+    pairs = [item.split("=", 1) for item in items]
+    bad = [item for item, pair in zip(items, pairs) if len(pair) != 2 or not pair[0]]
+    if bad:
+        raise VlaStackError(f"planner options must be KEY=VALUE, got {bad}")
+    return dict(pairs)
+
+
 @app.command("eval")
 def evaluate(
     policy: str = typer.Option(..., help="'expert' or a checkpoint directory."),
@@ -98,6 +106,8 @@ def evaluate(
                                              "(world-model MCTS)."),
     planner_checkpoint: Optional[Path] = typer.Option(None, help="Planner checkpoint directory (default: the "
                                                                  "shipped one)."),
+    planner_option: Optional[list[str]] = typer.Option(None, help="KEY=VALUE passed to the planner, repeatable "
+                                                                  "(e.g. memory=off for the mem ablation)."),
 ) -> None:
     """Closed-loop success rate of a policy, with a 95% Wilson interval."""
     from vla_stack.evaluation import HELDOUT_SEED_START, evaluate as run_eval
@@ -107,7 +117,7 @@ def evaluate(
     get_family(task), get_robot(robot)
     result = run_eval(policy, task, robot, episodes, seed_start=HELDOUT_SEED_START if seed_start is None else seed_start,
                       video_dir=video_dir, videos=videos, instruction=instruction, planner=planner,
-                      planner_checkpoint=planner_checkpoint)
+                      planner_checkpoint=planner_checkpoint, planner_options=_key_values(planner_option or []))
     low, high = result["wilson_95"]
     print(f"{policy} {task}/{robot}: success {result['successes']}/{episodes} = {result['success_rate']:.1%} "
           f"(95% CI {low:.1%}-{high:.1%})")
@@ -170,15 +180,22 @@ def bench_sim(
 def _mount_subcommands() -> None:
     from vla_stack.data.commands import dataset_app, export_app, import_app
     from vla_stack.policy.vla.commands import bench_policy_command, train_command
+    from vla_stack.planners.mem.commands import mem_app
     from vla_stack.ros.commands import bench_ros, sim_eval
 
     app.add_typer(export_app, name="export")
     app.add_typer(import_app, name="import")
     app.add_typer(dataset_app, name="dataset")
+    app.add_typer(mem_app, name="mem")
     app.command("sim-eval")(sim_eval)
     bench_app.command("ros")(bench_ros)
     app.command("train")(train_command)
     bench_app.command("policy")(bench_policy_command)
+    from vla_stack.planners.world_model.commands import bench_planner_command, train_wm_command, wm_quality_command
+
+    app.command("train-wm")(train_wm_command)
+    app.command("wm-quality")(wm_quality_command)
+    bench_app.command("planner")(bench_planner_command)
 
 
 _mount_subcommands()

@@ -1,0 +1,107 @@
+"""`vla-stack bench planner`: how fast the world-model planner thinks on this CPU.
+
+- latent chunk-rollouts/s: the predictor applied to a batch of (latent, H-step chunk) pairs, per batch size;
+- decisions: a real observation (pick/panda, held-out seeds), K chunks sampled from the VLA, MCTS under the
+  deadline: latency p50/p99 (search alone, and end to end with proposal sampling and encoding) and the latent
+  rollouts achieved per decision."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vla_stack.planners.world_model.mcts import SearchConfig, search
+from vla_stack.planners.world_model.model import LatentSearchModel, load_world_model, param_count
+
+
+def _pct(x, q):
+    return round(float(np.percentile(x, q)), 2)
+
+
+def bench_planner(checkpoint: str | Path | None = None, vla_checkpoint: str | Path | None = None,
+                  task: str = "pick", decisions: int = 30, deadline_s: float = 0.15, k: int = 8,
+                  batch_size: int = 64, threads: int = 1, seconds: float = 1.0) -> dict:
+    from vla_stack.evaluation import HELDOUT_SEED_START
+    from vla_stack.paths import share_dir
+    from vla_stack.planners.world_model.policy import WorldModelPlanner, default_checkpoint, sample_vla_chunks
+    from vla_stack.policy.vla.runner import load_vla_policy
+    from vla_stack.sim.env import TabletopEnv
+
+    torch.set_num_threads(threads)
+    wm_path = Path(checkpoint or default_checkpoint())
+    wm, meta = load_world_model(wm_path)
+    cfg = wm.config
+    vla_path = Path(vla_checkpoint or share_dir("policies") / "vla_tiny")
+    vla = load_vla_policy(vla_path, cfg.robot, async_inference=False)
+    env = TabletopEnv(task, cfg.robot, image_size=128)
+    try:
+        planner = WorldModelPlanner(vla, wm, cfg.robot, k=k,
+                                    search_config=SearchConfig(deadline_s=deadline_s, batch_size=batch_size))
+        # ---- raw predictor throughput
+        goal = wm.embed_goal(["pick up the red cube"]).detach()
+        lsm = LatentSearchModel(wm, goal)
+        rng = np.random.default_rng(0)
+        throughput = []
+        for b in (1, 8, 32, 128, 512):
+            z = rng.standard_normal((b, cfg.latent_dim)).astype(np.float32)
+            a = rng.standard_normal((b, cfg.chunk, cfg.action_dim)).astype(np.float32)
+            lsm.dynamics(z, a)
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                lsm.evaluate(lsm.dynamics(z, a))
+                n += 1
+            dt = time.perf_counter() - t0
+            throughput.append({"batch": b, "rollouts_per_s": round(n * b / dt), "ms_per_call": round(dt / n * 1e3, 3)})
+        # ---- decisions on real observations
+        search_ms, total_ms, proposal_ms, rollouts, sims, depth = [], [], [], [], [], []
+        obs, _ = env.reset(seed=HELDOUT_SEED_START)
+        planner.reset(seed=0)
+        for i in range(decisions):
+            if i % 5 == 0:
+                obs, _ = env.reset(seed=HELDOUT_SEED_START + i // 5)
+                planner.reset(seed=i)
+            t0 = time.perf_counter()
+            chunks = sample_vla_chunks(vla, obs, k, planner._generator)
+            t1 = time.perf_counter()
+            z = planner._encode(obs)
+            with torch.inference_mode():
+                planner._goal = wm.embed_goal([obs["instruction"]])
+                norm = wm.norm_action(torch.from_numpy(chunks[:, :cfg.chunk])).numpy()
+            lsm = LatentSearchModel(wm, planner._goal)
+            t2 = time.perf_counter()
+            result = search(z, norm, lsm.dynamics, lsm.evaluate, lsm.propose,
+                            SearchConfig(deadline_s=deadline_s, batch_size=batch_size, seed=i))
+            t3 = time.perf_counter()
+            for step in range(cfg.chunk):  # move on so the next decision sees a new state
+                obs, *_ = env.step(chunks[result.index, step])
+            proposal_ms.append((t1 - t0) * 1e3)
+            search_ms.append((t3 - t2) * 1e3)
+            total_ms.append((t3 - t0) * 1e3)
+            rollouts.append(result.stats["rollouts"])
+            sims.append(result.stats["simulations"])
+            depth.append(result.stats["max_depth"])
+    finally:
+        env.close()
+    return {
+        "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": threads,
+                    "load_average_1min": round(os.getloadavg()[0], 2), "cores": os.cpu_count(),
+                    "torch": torch.__version__},
+        "world_model": str(wm_path), "vla": str(vla_path), "parameters": param_count(wm),
+        "latent_dim": cfg.latent_dim, "chunk": cfg.chunk,
+        "throughput": throughput,
+        "decisions": {
+            "count": decisions, "k": k, "deadline_ms": deadline_s * 1e3, "batch_size": batch_size,
+            "search_ms_p50": _pct(search_ms, 50), "search_ms_p99": _pct(search_ms, 99),
+            "search_ms_max": round(max(search_ms), 2),
+            "decision_ms_p50": _pct(total_ms, 50), "decision_ms_p99": _pct(total_ms, 99),
+            "proposal_ms_p50": _pct(proposal_ms, 50), "proposal_ms_p99": _pct(proposal_ms, 99),
+            "rollouts_min": int(min(rollouts)), "rollouts_p50": _pct(rollouts, 50), "rollouts_max": int(max(rollouts)),
+            "simulations_p50": _pct(sims, 50), "max_depth_p50": _pct(depth, 50),
+            "decisions_with_1000_rollouts": int(sum(r >= 1000 for r in rollouts)),
+        },
+    }

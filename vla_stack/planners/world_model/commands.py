@@ -1,0 +1,87 @@
+"""CLI commands of the world-model planner, mounted by vla_stack/cli.py:
+`vla-stack train-wm --config policies/wm_tiny.yaml`, `vla-stack wm-quality`, `vla-stack bench planner`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _write(result: dict, path: Optional[Path]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+def train_wm_command(
+    config: Path = typer.Option(Path("policies/wm_tiny.yaml"), "--config", help="YAML with model:, data:, train:."),
+) -> None:
+    """Train the latent world model (next-latent prediction + SIGReg, value/progress/prior heads)."""
+    from vla_stack.planners.world_model.train import train
+
+    result = train(config)
+    print(json.dumps({k: result[k] for k in ("output_dir", "export_dir", "steps", "last")}, indent=2))
+
+
+def wm_quality_command(
+    checkpoint: Optional[Path] = typer.Option(None, help="World-model checkpoint (default: policies/wm_tiny)."),
+    config: Path = typer.Option(Path("policies/wm_tiny.yaml"), "--config", help="Its training YAML (for the data)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result here."),
+) -> None:
+    """Open-loop latent error vs horizon (model vs copy-last) and the collapse check on held-out episodes."""
+    from vla_stack.planners.world_model.model import load_world_model
+    from vla_stack.planners.world_model.policy import default_checkpoint
+    from vla_stack.planners.world_model.quality import prediction_quality
+    from vla_stack.planners.world_model.train import load_episodes, load_yaml
+
+    model, _ = load_world_model(checkpoint or default_checkpoint())
+    _, data, tc = load_yaml(config)
+    _, val = load_episodes(data, model.config, tc.max_episodes_per_store)
+    result = prediction_quality(model, val)
+    print(f"held-out: {result['episodes']} episodes, {result['frames']} frames")
+    print("horizon   model  copy-last")
+    for h, m, c in zip(result["horizons"], result["latent_error_model"], result["latent_error_copy_last"]):
+        print(f"{h:7d} {m:7.4f} {c:9.4f}")
+    print(f"collapse check: {result['collapse_check']}")
+    _write(result, json_out)
+
+
+def bench_planner_command(
+    checkpoint: Optional[Path] = typer.Option(None, help="World-model checkpoint (default: policies/wm_tiny)."),
+    vla: Optional[Path] = typer.Option(None, help="VLA checkpoint proposing chunks (default: policies/vla_tiny)."),
+    decisions: int = typer.Option(30, help="Timed planning decisions."),
+    deadline_ms: float = typer.Option(150.0, help="Search deadline per decision."),
+    k: int = typer.Option(8, help="VLA chunks sampled per decision (root children)."),
+    batch_size: int = typer.Option(64, help="Leaves expanded per batched model call."),
+    threads: int = typer.Option(1, help="torch threads."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result here."),
+) -> None:
+    """Latent chunk-rollouts/s, decision latency p50/p99 and rollouts achieved within the deadline."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from vla_stack.planners.world_model.bench import bench_planner
+
+    r = bench_planner(checkpoint, vla, decisions=decisions, deadline_s=deadline_ms / 1e3, k=k,
+                      batch_size=batch_size, threads=threads)
+    table = Table(title=f"bench planner: latent predictor ({r['parameters']:,} params, {threads} thread(s))")
+    for col in ("batch", "chunk-rollouts/s", "ms/call"):
+        table.add_column(col, justify="right")
+    for row in r["throughput"]:
+        table.add_row(str(row["batch"]), f"{row['rollouts_per_s']:,}", f"{row['ms_per_call']}")
+    Console().print(table)
+    d = r["decisions"]
+    table = Table(title=f"bench planner: {d['count']} MCTS decisions, K={d['k']}, deadline {d['deadline_ms']:.0f} ms")
+    for col in ("metric", "p50", "p99 / max"):
+        table.add_column(col, justify="right")
+    table.add_row("search ms", str(d["search_ms_p50"]), f"{d['search_ms_p99']} / {d['search_ms_max']}")
+    table.add_row("decision ms (VLA K-sample + encode + search)", str(d["decision_ms_p50"]), str(d["decision_ms_p99"]))
+    table.add_row("VLA K-chunk proposal ms", str(d["proposal_ms_p50"]), str(d["proposal_ms_p99"]))
+    table.add_row("latent rollouts / decision", str(d["rollouts_p50"]), f"min {d['rollouts_min']} / max {d['rollouts_max']}")
+    table.add_row("decisions with >= 1000 rollouts", f"{d['decisions_with_1000_rollouts']}/{d['count']}", "")
+    Console().print(table)
+    _write(r, json_out)

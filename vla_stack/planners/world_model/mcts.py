@@ -1,0 +1,238 @@
+"""Sampled MCTS over action chunks in a latent model. Knows nothing about torch: the model comes in as three
+callables over numpy arrays, so the search is tested on hand-built toy models.
+
+    dynamics(latents (B, D), chunks (B, H, A)) -> next latents (B, D)          one "latent chunk-rollout" per row
+    evaluate(latents (B, D)) -> scores (B,)                                     leaf value (value/progress heads)
+    propose(latents (B, D), n, rng) -> chunks (B, n, H, A), log_pi (B, n), log_beta (B, n)
+
+The root's children are given (the VLA's K sampled chunks); deeper nodes draw theirs from `propose`.
+
+- Sampled MuZero prior correction: a node's K sampled actions get prior (beta_hat / beta) * pi, i.e. for
+  distinct samples pi(a)/beta(a) renormalised (uniform when sampling from pi itself, as for the VLA's chunks).
+- Progressive widening: a node with N visits may use its first ceil(pw_k * N**pw_alpha) candidates.
+- PUCT selection on min-max normalised Q (MuZero), first-play urgency = the parent's value.
+- Batched: each round selects up to `batch_size` distinct leaves with virtual loss, expands them with one
+  dynamics/evaluate/propose call each, then backs up.
+- Anytime: stops before a round that would end past the deadline (judged by the last round's duration);
+  `clock` is injectable so deadline behaviour is testable without timing.
+- Deterministic given `seed` (one numpy Generator; ties broken by index).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class SearchConfig:
+    deadline_s: float | None = 0.15
+    max_simulations: int = 100_000
+    batch_size: int = 64
+    c_puct: float = 1.25
+    discount: float = 0.9  # per chunk
+    pw_k: float = 3.0
+    pw_alpha: float = 0.5
+    children: int = 8  # candidates drawn per non-root node
+    max_depth: int = 8  # chunks below the root (8 x 0.8 s: most of a pick episode)
+    seed: int = 0
+
+
+class _Node:
+    """Per-child statistics are plain lists: nodes have <= ~16 children, where Python beats numpy's overhead."""
+
+    __slots__ = ("latent", "value", "depth", "cands", "logw", "child", "n", "w", "visits", "value_sum",
+                 "prior", "prior_m")
+
+    def __init__(self, latent: np.ndarray, value: float, depth: int):
+        self.latent, self.value, self.depth = latent, float(value), depth
+        self.cands: np.ndarray | None = None  # (n, H, A)
+        self.logw: np.ndarray = np.zeros(0)  # log(pi/beta) per candidate
+        self.child: list[_Node | None] = []
+        self.n: list[float] = []
+        self.w: list[float] = []
+        self.visits = 0
+        self.value_sum = 0.0
+        self.prior: list[float] = []  # normalised over the first prior_m candidates
+        self.prior_m = 0
+
+    def set_candidates(self, cands: np.ndarray, log_pi: np.ndarray | None, log_beta: np.ndarray | None) -> None:
+        k = len(cands)
+        self.cands = cands
+        self.logw = np.zeros(k) if log_pi is None else (np.asarray(log_pi, float) - (0 if log_beta is None else np.asarray(log_beta, float)))
+        self.child = [None] * k
+        self.n, self.w = [0.0] * k, [0.0] * k
+
+    def prior_over(self, m: int) -> list[float]:
+        if m != self.prior_m:
+            self.prior, self.prior_m = sampled_prior(self.logw[:m]).tolist(), m
+        return self.prior
+
+
+def sampled_prior(log_weights: np.ndarray) -> np.ndarray:
+    """Normalised (beta_hat/beta)*pi for distinct samples, from log(pi/beta)."""
+    x = np.exp(log_weights - log_weights.max())
+    return x / x.sum()
+
+
+@dataclass
+class SearchResult:
+    index: int  # root child chosen
+    chunk: np.ndarray  # its action chunk (H, A)
+    stats: dict = field(default_factory=dict)
+
+
+class _MinMax:
+    def __init__(self):
+        self.lo, self.hi = math.inf, -math.inf
+
+    def update(self, v: float) -> None:
+        self.lo, self.hi = min(self.lo, v), max(self.hi, v)
+
+    def norm(self, q: np.ndarray) -> np.ndarray:
+        return (q - self.lo) / (self.hi - self.lo) if self.hi > self.lo else np.zeros_like(q)
+
+
+def search(root_latent: np.ndarray, root_chunks: np.ndarray, dynamics, evaluate, propose,
+           config: SearchConfig | None = None, root_log_pi: np.ndarray | None = None,
+           root_log_beta: np.ndarray | None = None, clock=time.perf_counter) -> SearchResult:
+    cfg = config or SearchConfig()
+    start = clock()
+    rng = np.random.default_rng(cfg.seed)
+    root_chunks = np.asarray(root_chunks, np.float32)
+    if root_chunks.ndim != 3 or len(root_chunks) == 0:
+        raise ValueError(f"root_chunks must be (K >= 1, H, A), got {root_chunks.shape}")
+    root_latent = np.asarray(root_latent, np.float32)
+    if not np.all(np.isfinite(root_latent)) or not np.all(np.isfinite(root_chunks)):
+        raise ValueError("search input contains NaN or inf")
+    root = _Node(root_latent, float(evaluate(root_latent[None])[0]), 0)
+    root.set_candidates(root_chunks, root_log_pi, root_log_beta)
+    minmax = _MinMax()
+    minmax.update(root.value)
+    stats = {"simulations": 0, "rollouts": 0, "model_rounds": 0, "nodes": 1, "max_depth": 0, "stopped_by": None}
+    last_round = 0.0
+
+    def allowed(node: _Node) -> int:
+        return min(len(node.cands), max(1, math.ceil(cfg.pw_k * node.visits ** cfg.pw_alpha)))
+
+    def select_child(node: _Node, pending: set) -> int | None:
+        m = allowed(node)
+        prior = node.prior_over(m)
+        n, w = node.n, node.w
+        fpu = node.value_sum / node.visits if node.visits else node.value
+        lo, span = minmax.lo, minmax.hi - minmax.lo
+        explore = cfg.c_puct * math.sqrt(node.visits + 1)
+        best, best_i = -math.inf, None
+        for i in range(m):
+            if node.child[i] is None and (id(node), i) in pending:
+                continue
+            q = w[i] / n[i] if n[i] else fpu
+            score = ((q - lo) / span if span > 0 else 0.0) + explore * prior[i] / (1 + n[i])
+            if score > best:
+                best, best_i = score, i
+        return best_i
+
+    while True:
+        if stats["simulations"] >= cfg.max_simulations:
+            stats["stopped_by"] = "simulations"
+            break
+        if cfg.deadline_s is not None and clock() - start + last_round >= cfg.deadline_s:
+            stats["stopped_by"] = "deadline"
+            break
+        round_start = clock()
+        # ---- select up to batch_size distinct leaves (virtual loss: visits count before the backup)
+        pending: set = set()
+        leaves: list[tuple[list[tuple[_Node, int]], _Node | None]] = []
+        budget = min(cfg.batch_size, cfg.max_simulations - stats["simulations"])
+        for _ in range(budget):
+            node, path = root, []
+            while True:
+                i = select_child(node, pending)
+                if i is None:
+                    break
+                path.append((node, i))
+                nxt = node.child[i]
+                if nxt is None or nxt.depth >= cfg.max_depth or nxt.cands is None:
+                    break
+                node = nxt
+            if not path or (path[-1][0] is not None and i is None):
+                break
+            parent, i = path[-1]
+            leaf = parent.child[i]
+            if leaf is None:
+                pending.add((id(parent), i))
+            for p, j in path:  # virtual loss
+                p.visits += 1
+                p.n[j] += 1
+                p.w[j] += minmax.lo if math.isfinite(minmax.lo) else 0.0
+            leaves.append((path, leaf))
+        if not leaves:
+            stats["stopped_by"] = "exhausted"
+            break
+        # ---- expand the new leaves in one batch
+        new = [(path, k) for k, (path, leaf) in enumerate(leaves) if leaf is None]
+        if new:
+            lat = np.stack([p[-1][0].latent for p, _ in new])
+            acts = np.stack([p[-1][0].cands[p[-1][1]] for p, _ in new])
+            nxt = np.asarray(dynamics(lat, acts), np.float32)
+            vals = np.asarray(evaluate(nxt), float)
+            if not (np.all(np.isfinite(nxt)) and np.all(np.isfinite(vals))):
+                raise ValueError("the model returned NaN or inf")
+            stats["rollouts"] += len(new)
+            depths = [p[-1][0].depth + 1 for p, _ in new]
+            grow = [j for j, d in enumerate(depths) if d < cfg.max_depth]
+            cands = lp = lb = None
+            if grow:
+                cands, lp, lb = propose(nxt[grow], cfg.children, rng)
+            g = 0
+            for j, (path, k) in enumerate(new):
+                parent, i = path[-1]
+                node = _Node(nxt[j], vals[j], depths[j])
+                if j in grow:
+                    node.set_candidates(np.asarray(cands[g], np.float32), lp[g], lb[g])
+                    g += 1
+                parent.child[i] = node
+                leaves[k] = (path, node)
+                stats["nodes"] += 1
+                stats["max_depth"] = max(stats["max_depth"], node.depth)
+        # ---- back up: G = value(leaf), discounted once per chunk on the way up
+        lo = minmax.lo if math.isfinite(minmax.lo) else 0.0
+        for path, leaf in leaves:
+            g_ret = leaf.value
+            leaf.visits += 1
+            leaf.value_sum += g_ret
+            for p, j in reversed(path):
+                g_ret = cfg.discount * g_ret
+                p.w[j] += g_ret - lo  # replace the virtual loss
+                minmax.update(g_ret)
+                p.value_sum += g_ret
+            stats["simulations"] += 1
+        stats["model_rounds"] += 1
+        last_round = clock() - round_start
+
+    # ---- decision: most visited root child (ties: higher Q, then lower index)
+    n, w = np.array(root.n), np.array(root.w)
+    q = np.where(n > 0, w / np.maximum(n, 1), -np.inf)
+    if n.max() == 0:  # deadline before any expansion: the highest prior
+        best = int(np.argmax(root.logw))
+    else:
+        best = int(max(range(len(n)), key=lambda i: (n[i], q[i], -i)))
+    stats["elapsed_s"] = clock() - start
+    stats["root"] = {"visits": n.astype(int).tolist(),
+                     "q": [None if not np.isfinite(v) else round(float(v), 5) for v in q],
+                     "value": [None if c is None else round(c.value, 5) for c in root.child],
+                     "prior": [round(float(p), 5) for p in sampled_prior(root.logw)],
+                     "root_value": round(root.value, 5)}
+    return SearchResult(best, root_chunks[best], stats)
+
+
+def best_of_k(root_latent: np.ndarray, root_chunks: np.ndarray, dynamics, evaluate) -> SearchResult:
+    """The no-search baseline: roll every candidate one chunk ahead, keep the best-scored one."""
+    root_chunks = np.asarray(root_chunks, np.float32)
+    lat = np.repeat(np.asarray(root_latent, np.float32)[None], len(root_chunks), 0)
+    vals = np.asarray(evaluate(np.asarray(dynamics(lat, root_chunks), np.float32)), float)
+    best = int(np.argmax(vals))
+    return SearchResult(best, root_chunks[best], {"rollouts": len(root_chunks), "values": vals.round(5).tolist()})

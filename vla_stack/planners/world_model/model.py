@@ -1,0 +1,331 @@
+"""The latent world model, in one file (TD-MPC2 / LeWorldModel style).
+
+    z_t        = encode(front image, wrist image, joint state)             JEPA encoder, latent_dim floats
+    z_{t+1..t+H} = z_t + predict(z_t, a_t..a_{t+H-1})                        one call per action chunk of H steps
+    value(z, g), progress(z, g)                                              heads, g = instruction embedding
+    prior(z, g) -> N(mu, sigma) over a normalised H-step chunk               latent proposal for deep tree nodes
+
+Trained end to end with next-latent MSE (at a random offset inside the chunk, at the chunk end and one chunk
+further, through the predictor's own output) plus SIGReg on the embeddings (LeWorldModel's single
+regulariser: no EMA target, no stop-gradient, no reconstruction), value/progress regression on encoded and
+predicted latents, and the prior's Gaussian NLL on successful episodes' chunks.
+
+The instruction is embedded by hashing its words into buckets (an EmbeddingBag): enough for templated task
+instructions ("pick up the red cube"); the latent itself describes the world, not the goal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vla_stack.errors import VlaStackError
+from vla_stack.planners.world_model.sigreg import sigreg
+
+FORMAT = 1
+KIND = "vla_stack.world_model"
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+
+
+class WorldModelCheckpointError(VlaStackError):
+    """A world-model checkpoint is missing, corrupt or does not match its config."""
+
+
+@dataclass
+class WmConfig:
+    robot: str = "panda"
+    state_dim: int = 8  # arm joints + gripper
+    action_dim: int = 8
+    cameras: tuple[str, ...] = ("front", "wrist")
+    image_size: int = 64
+    chunk: int = 8  # actions per predictor call (= executed steps between planning decisions)
+    latent_dim: int = 64
+    channels: tuple[int, ...] = (16, 32, 64, 64)
+    hidden: int = 256
+    predictor_hidden: int = 512
+    goal_dim: int = 32
+    goal_buckets: int = 512
+    gamma: float = 0.98  # per control step, for the value target gamma**(steps to success)
+    # loss weights
+    sigreg_weight: float = 0.1
+    sigreg_projections: int = 128
+    value_weight: float = 1.0
+    progress_weight: float = 0.5
+    prior_weight: float = 0.05
+
+    def __post_init__(self) -> None:
+        self.cameras, self.channels = tuple(self.cameras), tuple(self.channels)
+        if self.image_size % (2 ** len(self.channels)):
+            raise VlaStackError(f"image_size {self.image_size} must be divisible by 2**{len(self.channels)}")
+        if self.chunk < 1 or self.latent_dim < 2:
+            raise VlaStackError("chunk must be >= 1 and latent_dim >= 2")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["cameras"], d["channels"] = list(self.cameras), list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> WmConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise VlaStackError(f"unknown world-model config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def goal_tokens(instruction: str, buckets: int) -> list[int]:
+    words = re.findall(r"[a-z0-9]+", instruction.lower()) or ["<empty>"]
+    return [zlib.crc32(w.encode()) % buckets for w in words]
+
+
+def _mlp(sizes: list[int], out_act: bool = False) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2 or out_act:
+            layers += [nn.LayerNorm(b), nn.GELU()]
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """Per camera a small strided CNN (shared weights), flattened; fused with the normalised state."""
+
+    def __init__(self, cfg: WmConfig):
+        super().__init__()
+        convs, c_in = [], 3
+        for c in cfg.channels:
+            convs += [nn.Conv2d(c_in, c, 4, 2, 1), nn.GroupNorm(max(1, c // 8), c), nn.GELU()]
+            c_in = c
+        self.cnn = nn.Sequential(*convs)
+        side = cfg.image_size // 2 ** len(cfg.channels)
+        feat = len(cfg.cameras) * c_in * side * side
+        self.fuse = _mlp([feat + cfg.state_dim, cfg.hidden, cfg.hidden, cfg.latent_dim])
+
+    def forward(self, images: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """images (B, cams, 3, S, S) float in [0, 1], state (B, state_dim) normalised -> (B, latent_dim)."""
+        b, c = images.shape[:2]
+        f = self.cnn(images.flatten(0, 1) * 2 - 1).reshape(b, -1)
+        return self.fuse(torch.cat([f, state], -1))
+
+
+class WorldModel(nn.Module):
+    def __init__(self, cfg: WmConfig):
+        super().__init__()
+        self.config = cfg
+        D, G, H, A = cfg.latent_dim, cfg.goal_dim, cfg.chunk, cfg.action_dim
+        self.encoder = Encoder(cfg)
+        self.predictor = _mlp([D + H * A, cfg.predictor_hidden, cfg.predictor_hidden, H * D])
+        self.goal = nn.EmbeddingBag(cfg.goal_buckets, G, mode="mean")
+        self.value_head = _mlp([D + G, cfg.hidden, cfg.hidden, 1])
+        self.progress_head = _mlp([D + G, cfg.hidden, 1])
+        self.prior_head = _mlp([D + G, cfg.hidden, cfg.hidden, 2 * H * A])
+        # normalisation of raw joint states / actions (set from the training data, saved with the weights)
+        for name, dim in (("state", cfg.state_dim), ("action", cfg.action_dim)):
+            self.register_buffer(f"{name}_mean", torch.zeros(dim))
+            self.register_buffer(f"{name}_std", torch.ones(dim))
+
+    # ---- normalisation --------------------------------------------------------------------------------
+    def set_stats(self, state: np.ndarray, action: np.ndarray) -> None:
+        for name, x in (("state", state), ("action", action)):
+            x = torch.as_tensor(np.asarray(x, np.float32))
+            getattr(self, f"{name}_mean").copy_(x.mean(0))
+            getattr(self, f"{name}_std").copy_(x.std(0).clamp_min(1e-2))
+
+    def norm_state(self, s: torch.Tensor) -> torch.Tensor:
+        return (s - self.state_mean) / self.state_std
+
+    def norm_action(self, a: torch.Tensor) -> torch.Tensor:
+        return (a - self.action_mean) / self.action_std
+
+    def unnorm_action(self, a: torch.Tensor) -> torch.Tensor:
+        return a * self.action_std + self.action_mean
+
+    # ---- pieces ---------------------------------------------------------------------------------------
+    def encode(self, images: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """images (B, cams, 3, S, S) in [0, 1], raw state (B, state_dim) -> latents (B, D)."""
+        return self.encoder(images, self.norm_state(state))
+
+    def embed_goal(self, instructions: list[str]) -> torch.Tensor:
+        cfg = self.config
+        tokens = [goal_tokens(s, cfg.goal_buckets) for s in instructions]
+        flat = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long)
+        offsets = torch.tensor(np.cumsum([0] + [len(ts) for ts in tokens[:-1]]), dtype=torch.long)
+        return self.goal(flat, offsets)
+
+    def predict(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """z (B, D), normalised actions (B, H, A) -> latents after each of the H steps (B, H, D)."""
+        cfg = self.config
+        delta = self.predictor(torch.cat([z, actions.flatten(1)], -1)).view(-1, cfg.chunk, cfg.latent_dim)
+        return z[:, None] + delta
+
+    def value(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.value_head(torch.cat([z, g], -1))[:, 0])
+
+    def progress(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.progress_head(torch.cat([z, g], -1))[:, 0])
+
+    def prior(self, z: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gaussian over normalised chunks: mean (B, H, A), log-std (B, H, A) in [-3, 1]."""
+        cfg = self.config
+        out = self.prior_head(torch.cat([z, g], -1)).view(-1, 2, cfg.chunk, cfg.action_dim)
+        return out[:, 0], out[:, 1].clamp(-3.0, 1.0)
+
+    # ---- training loss --------------------------------------------------------------------------------
+    def loss(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
+        """batch (see train.py ChunkSampler): images (B, F, cams, 3, S, S) for frames [t, t+k, t+H, t+2H],
+        state (B, F, state_dim), frame_mask (B, F), k (B,) in 1..H, actions (B, 2H, A) raw, action_mask
+        (B, 2H), value / progress targets (B, F), prior_weight (B,), instruction list."""
+        cfg = self.config
+        B, F_ = batch["images"].shape[:2]
+        z = self.encode(batch["images"].flatten(0, 1), batch["state"].flatten(0, 1)).view(B, F_, -1)
+        a = self.norm_action(batch["actions"]) * batch["action_mask"][..., None]
+        H = cfg.chunk
+        pred1 = self.predict(z[:, 0], a[:, :H])
+        pred2 = self.predict(pred1[:, -1], a[:, H:])
+        k = batch["k"]
+        pk = pred1[torch.arange(B), k - 1]
+        m = batch["frame_mask"]
+
+        def masked_mse(p, target, mask):
+            return ((p - target).square().mean(-1) * mask).sum() / mask.sum().clamp_min(1.0)
+
+        pred_loss = (masked_mse(pk, z[:, 1], m[:, 1]) + masked_mse(pred1[:, -1], z[:, 2], m[:, 2])
+                     + masked_mse(pred2[:, -1], z[:, 3], m[:, 3])) / 3
+        reg = sigreg(z.flatten(0, 1)[m.flatten() > 0], cfg.sigreg_projections, generator)
+        g = self.embed_goal(batch["instructions"])
+        # heads on encoded latents (all frames) and on the predicted latents of the chunk ends
+        zz = torch.cat([z.flatten(0, 1), pred1[:, -1], pred2[:, -1]])
+        gg = torch.cat([g.repeat_interleave(F_, 0), g, g])
+        mm = torch.cat([m.flatten(), m[:, 2], m[:, 3]])
+        v_t = torch.cat([batch["value"].flatten(), batch["value"][:, 2], batch["value"][:, 3]])
+        p_t = torch.cat([batch["progress"].flatten(), batch["progress"][:, 2], batch["progress"][:, 3]])
+        zz_logits = torch.cat([zz, gg], -1)
+        v_loss = (F.binary_cross_entropy_with_logits(self.value_head(zz_logits)[:, 0], v_t, reduction="none") * mm).sum() / mm.sum()
+        p_loss = (F.binary_cross_entropy_with_logits(self.progress_head(zz_logits)[:, 0], p_t, reduction="none") * mm).sum() / mm.sum()
+        mu, log_std = self.prior(z[:, 0].detach(), g)
+        nll = (0.5 * ((a[:, :H] - mu) / log_std.exp()).square() + log_std).mean((1, 2))
+        w = batch["prior_weight"] * batch["action_mask"][:, :H].mean(1)
+        prior_loss = (nll * w).sum() / w.sum().clamp_min(1.0)
+        total = (pred_loss + cfg.sigreg_weight * reg + cfg.value_weight * v_loss + cfg.progress_weight * p_loss
+                 + cfg.prior_weight * prior_loss)
+        return total, {"loss": total.detach(), "pred": pred_loss.detach(), "sigreg": reg.detach(),
+                       "value": v_loss.detach(), "progress": p_loss.detach(), "prior": prior_loss.detach()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: config.json + model.safetensors
+# ----------------------------------------------------------------------------------------------------------
+
+def save_world_model(path: str | Path, model: WorldModel, meta: dict | None = None,
+                     dtype: torch.dtype = torch.float32) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in model.state_dict().items()}
+    tmp = path / f".{WEIGHTS}.tmp"
+    save_file(weights, str(tmp), metadata={"format": str(FORMAT)})
+    tmp.replace(path / WEIGHTS)
+    tmp = path / f".{CONFIG}.tmp"
+    tmp.write_text(json.dumps({"format": FORMAT, "kind": KIND, "config": model.config.to_dict(),
+                               "meta": meta or {}}, indent=1))
+    tmp.replace(path / CONFIG)
+    return path
+
+
+def load_world_model(path: str | Path) -> tuple[WorldModel, dict]:
+    """(model in eval mode, fp32; meta). Every problem is a WorldModelCheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise WorldModelCheckpointError(f"world-model checkpoint {path} is not a directory")
+    try:
+        doc = json.loads((path / CONFIG).read_text())
+    except FileNotFoundError:
+        raise WorldModelCheckpointError(f"{path} is not a world-model checkpoint: no {CONFIG}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise WorldModelCheckpointError(f"world-model checkpoint {path / CONFIG} is corrupt: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("kind") != KIND:
+        raise WorldModelCheckpointError(f"{path / CONFIG} is not a vla_stack world-model config")
+    if doc.get("format") != FORMAT:
+        raise WorldModelCheckpointError(f"{path} has format {doc.get('format')!r}; this build reads {FORMAT}")
+    try:
+        cfg = WmConfig.from_dict(doc["config"])
+    except (KeyError, TypeError, VlaStackError) as exc:
+        raise WorldModelCheckpointError(f"{path / CONFIG} has an invalid config: {exc}") from None
+    file = path / WEIGHTS
+    if not file.is_file():
+        raise WorldModelCheckpointError(f"world-model weights {file} are missing")
+    try:
+        weights = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise WorldModelCheckpointError(f"world-model weights {file} are corrupt or truncated: {exc}") from None
+    model = WorldModel(cfg)
+    expected = model.state_dict()
+    bad = sorted(set(expected) ^ set(weights)) + sorted(k for k in set(expected) & set(weights)
+                                                        if expected[k].shape != weights[k].shape)
+    if bad:
+        raise WorldModelCheckpointError(f"weights in {file} do not match its config ({', '.join(bad[:4])}"
+                                        f"{' ...' if len(bad) > 4 else ''})")
+    if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
+        raise WorldModelCheckpointError(f"weights in {file} contain NaN or inf")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()})
+    return model.eval(), doc.get("meta", {})
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class LatentSearchModel:
+    """The world model as the three numpy callables the tree search takes (mcts.py knows no torch):
+    dynamics(latents, chunks) -> next latents, evaluate(latents) -> scores, propose(latents, n, rng) ->
+    (chunks, log_pi, log_beta). Chunks here are *normalised* H-step action chunks. `temperature` widens the
+    prior for sampling (beta); pi is the prior itself, so Sampled MuZero's correction is non-trivial."""
+
+    model: WorldModel
+    goal: torch.Tensor  # (1, G) embedding of the current instruction
+    progress_weight: float = 0.25
+    temperature: float = 1.5
+    stats: dict = field(default_factory=lambda: {"dynamics_calls": 0, "rollouts": 0})
+
+    @torch.inference_mode()
+    def dynamics(self, latents: np.ndarray, chunks: np.ndarray) -> np.ndarray:
+        z = torch.from_numpy(np.ascontiguousarray(latents, np.float32))
+        a = torch.from_numpy(np.ascontiguousarray(chunks, np.float32))
+        self.stats["dynamics_calls"] += 1
+        self.stats["rollouts"] += len(z)
+        return self.model.predict(z, a)[:, -1].numpy()
+
+    @torch.inference_mode()
+    def evaluate(self, latents: np.ndarray) -> np.ndarray:
+        z = torch.from_numpy(np.ascontiguousarray(latents, np.float32))
+        g = self.goal.expand(len(z), -1)
+        score = self.model.value(z, g)
+        if self.progress_weight:
+            score = score + self.progress_weight * self.model.progress(z, g)
+        return score.numpy()
+
+    @torch.inference_mode()
+    def propose(self, latents: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        z = torch.from_numpy(np.ascontiguousarray(latents, np.float32))
+        mu, log_std = self.model.prior(z, self.goal.expand(len(z), -1))
+        mu, log_std = mu.numpy()[:, None], log_std.numpy()[:, None]  # (B, 1, H, A)
+        eps = rng.standard_normal((len(z), n, *mu.shape[2:])).astype(np.float32)
+        chunks = mu + self.temperature * np.exp(log_std) * eps
+        # log densities up to the shared constant (it cancels in the normalised prior)
+        log_pi = (-0.5 * (self.temperature * eps) ** 2 - log_std).sum((2, 3))
+        log_beta = (-0.5 * eps ** 2 - log_std - math.log(self.temperature)).sum((2, 3))
+        return chunks, log_pi, log_beta

@@ -1,0 +1,180 @@
+"""`--planner wm`: at every chunk boundary, sample K action chunks from the VLA's flow-matching head (K noise
+draws sharing one prefix KV cache), search over them in the world model's latent space, execute the chosen
+chunk's first H steps (H = the world model's chunk), repeat. Same interface as any policy (reset /
+select_action), plus episode_metrics() and summary() for the evaluation JSON.
+
+Modes: `mcts` (tree search, mcts.search), `best_of_k` (one latent step per candidate, best value: the
+no-search baseline), `first` (the first VLA sample executed H steps open loop: the VLA alone at the same
+re-planning rate, to separate planning from the execution schedule)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vla_stack.errors import VlaStackError
+from vla_stack.planners.world_model.mcts import SearchConfig, best_of_k, search
+from vla_stack.planners.world_model.model import LatentSearchModel, load_world_model
+
+MODES = ("mcts", "best_of_k", "first")
+
+
+def default_checkpoint() -> Path:
+    from vla_stack.paths import share_dir
+
+    return share_dir("policies") / "wm_tiny"
+
+
+def sample_vla_chunks(vla, obs: dict, k: int, generator: torch.Generator) -> np.ndarray:
+    """K chunks (K, chunk_size, action_dim) in robot units from one observation: the prefix (images, text,
+    state) is encoded once and its KV cache repeated K times; each row gets its own noise."""
+    from vla_stack.policy.vla.modeling_vla import euler_sample
+
+    cfg = vla.config
+    batch = vla._batch(obs)  # validates the observation (NaN/inf -> InvalidObservationError)
+    with torch.inference_mode():
+        cache = vla.model.encode_prefix(batch).repeat(k)
+        noise = torch.randn(k, cfg.chunk_size, cfg.max_action_dim, generator=generator)
+        x = euler_sample(lambda x_t, t: vla.model.expert.velocity(cache, x_t, t), noise, vla.num_steps)
+    return np.stack([vla._to_robot(c) for c in x.numpy()])
+
+
+class WorldModelPlanner:
+    name = "vla+wm"
+
+    def __init__(self, vla, world_model, robot: str, *, k: int = 8, mode: str = "mcts",
+                 search_config: SearchConfig | None = None, progress_weight: float = 0.25,
+                 temperature: float = 1.5, threads: int | None = None):
+        if mode not in MODES:
+            raise VlaStackError(f"unknown wm planner mode '{mode}' (known: {', '.join(MODES)})")
+        for attr in ("model", "config", "_batch", "_to_robot", "num_steps"):
+            if not hasattr(vla, attr):
+                raise VlaStackError("the wm planner needs a VLA checkpoint policy (it samples the VLA's "
+                                    "flow-matching head); got " + type(vla).__name__)
+        cfg = world_model.config
+        if robot != cfg.robot:
+            raise VlaStackError(f"the world model was trained for '{cfg.robot}', the env's robot is '{robot}'")
+        if vla.config.chunk_size < cfg.chunk:
+            raise VlaStackError(f"VLA chunks ({vla.config.chunk_size}) are shorter than the world model's ({cfg.chunk})")
+        if k < 1:
+            raise VlaStackError("k must be at least 1")
+        self.vla, self.wm, self.robot, self.k, self.mode = vla, world_model, robot, k, mode
+        self.search_config = search_config or SearchConfig()
+        self.progress_weight, self.temperature = progress_weight, temperature
+        if threads:
+            torch.set_num_threads(threads)
+        self._episodes: list[dict] = []
+        self.reset()
+
+    def reset(self, seed: int | None = None) -> None:
+        self.vla.reset(seed=seed)
+        self._seed = 0 if seed is None else int(seed)
+        self._generator = torch.Generator().manual_seed(self._seed)
+        self._queue: list[np.ndarray] = []
+        self._decisions: list[dict] = []
+        self._goal_for: str | None = None
+
+    def _encode(self, obs: dict) -> np.ndarray:
+        from vla_stack.policy.vla.dataset import resize_images
+
+        cfg = self.wm.config
+        images = resize_images(np.stack([np.asarray(obs["images"][c], np.uint8) for c in cfg.cameras]), cfg.image_size)
+        x = torch.from_numpy(images).permute(0, 3, 1, 2)[None].float() / 255.0
+        state = torch.from_numpy(np.asarray(obs["state"], np.float32))[None]
+        with torch.inference_mode():
+            return self.wm.encode(x, state)[0].numpy()
+
+    def _plan(self, obs: dict) -> None:
+        t0 = time.perf_counter()
+        chunks = sample_vla_chunks(self.vla, obs, self.k, self._generator)  # (K, chunk_size, A) robot units
+        t1 = time.perf_counter()
+        H = self.wm.config.chunk
+        instruction = self.vla.instruction or obs.get("instruction", "")
+        if instruction != self._goal_for:
+            with torch.inference_mode():
+                self._goal = self.wm.embed_goal([instruction])
+            self._goal_for = instruction
+        record = {"proposal_ms": (t1 - t0) * 1e3}
+        if self.mode == "first":
+            index = 0
+        else:
+            z = self._encode(obs)
+            lsm = LatentSearchModel(self.wm, self._goal, self.progress_weight, self.temperature)
+            with torch.inference_mode():
+                norm = self.wm.norm_action(torch.from_numpy(chunks[:, :H])).numpy()
+            if self.mode == "best_of_k":
+                result = best_of_k(z, norm, lsm.dynamics, lsm.evaluate)
+            else:
+                cfg = SearchConfig(**{**self.search_config.__dict__,
+                                      "seed": self._seed * 1000 + len(self._decisions)})
+                result = search(z, norm, lsm.dynamics, lsm.evaluate, lsm.propose, cfg)
+                record.update(simulations=result.stats["simulations"], depth=result.stats["max_depth"],
+                              stopped_by=result.stats["stopped_by"])
+            index = result.index
+            record["rollouts"] = result.stats["rollouts"]
+        record["search_ms"] = (time.perf_counter() - t1) * 1e3
+        record["decision_ms"] = (time.perf_counter() - t0) * 1e3
+        record["index"] = index
+        self._decisions.append(record)
+        self._queue = list(chunks[index, :H])
+
+    def select_action(self, obs: dict) -> np.ndarray:
+        if not self._queue:
+            self._plan(obs)
+        else:
+            from vla_stack.policy.vla.runner import validate_observation
+
+            validate_observation(obs, self.vla.config.cameras, self.vla.action_dim)
+        return self._queue.pop(0)
+
+    def episode_metrics(self) -> dict:
+        d = self._decisions
+        out = {"mode": self.mode, "k": self.k, "decisions": len(d),
+               "decision_ms_p50": _pct([r["decision_ms"] for r in d], 50),
+               "search_ms_p50": _pct([r["search_ms"] for r in d], 50),
+               "proposal_ms_p50": _pct([r["proposal_ms"] for r in d], 50),
+               "non_first_choice": sum(r["index"] != 0 for r in d)}
+        if d and "rollouts" in d[0]:
+            out["rollouts_mean"] = round(float(np.mean([r["rollouts"] for r in d])), 1)
+        if d and "simulations" in d[0]:
+            out["simulations_mean"] = round(float(np.mean([r["simulations"] for r in d])), 1)
+            out["depth_max"] = int(max(r["depth"] for r in d))
+        self._episodes.append({"decisions": d})
+        return out
+
+    def summary(self) -> dict:
+        allds = [r for e in self._episodes for r in e["decisions"]]
+        if not allds:
+            return {"mode": self.mode, "k": self.k, "decisions": 0}
+        out = {"mode": self.mode, "k": self.k, "decisions": len(allds),
+               "deadline_s": self.search_config.deadline_s if self.mode == "mcts" else None,
+               "decision_ms_p50": _pct([r["decision_ms"] for r in allds], 50),
+               "decision_ms_p99": _pct([r["decision_ms"] for r in allds], 99),
+               "search_ms_p50": _pct([r["search_ms"] for r in allds], 50),
+               "search_ms_p99": _pct([r["search_ms"] for r in allds], 99),
+               "proposal_ms_p50": _pct([r["proposal_ms"] for r in allds], 50)}
+        if "rollouts" in allds[0]:
+            out["rollouts_p50"] = _pct([r["rollouts"] for r in allds], 50)
+            out["rollouts_min"] = int(min(r["rollouts"] for r in allds))
+        return out
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 2) if values else None
+
+
+def make_policy(policy, env, checkpoint=None, **options) -> WorldModelPlanner:
+    """The `--planner wm` entry point (vla_stack.planners.wrap_policy). options: k, mode, deadline_s,
+    batch_size, max_depth, children, c_puct, progress_weight, temperature, threads."""
+    wm, _ = load_world_model(checkpoint or default_checkpoint())
+    search_keys = {"deadline_s", "batch_size", "max_depth", "children", "c_puct", "discount", "pw_k", "pw_alpha",
+                   "max_simulations"}
+    search_config = SearchConfig(**{k: v for k, v in options.items() if k in search_keys})
+    rest = {k: v for k, v in options.items() if k not in search_keys}
+    unknown = set(rest) - {"k", "mode", "progress_weight", "temperature", "threads"}
+    if unknown:
+        raise VlaStackError(f"unknown wm planner option(s): {', '.join(sorted(unknown))}")
+    return WorldModelPlanner(policy, wm, env.robot.name, search_config=search_config, **rest)

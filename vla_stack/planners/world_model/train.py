@@ -1,0 +1,242 @@
+"""World-model training: `vla-stack train-wm --config policies/wm_tiny.yaml`.
+
+YAML sections: `model:` (WmConfig fields), `data:` (zarr episode stores: expert demos and the non-expert
+rollouts of collect.py; failures included), `train:` (TrainConfig). Every 20th episode of each store is held out
+for the prediction-quality report written at the end (quality.json next to the checkpoint)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from vla_stack.data.episode_store import EpisodeStore
+from vla_stack.errors import VlaStackError
+from vla_stack.planners.world_model.model import WmConfig, WorldModel, param_count, save_world_model
+
+VAL_EVERY = 20
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "/work/data/wm/runs/wm"
+    export_dir: str | None = None  # also write the final weights here as fp16 (the shipped checkpoint)
+    steps: int = 3000
+    batch_size: int = 48
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    save_every: int = 250
+    seed: int = 0
+    num_threads: int = 1
+    max_minutes: float | None = None
+    max_episodes_per_store: int | None = None
+
+
+@dataclass
+class WmEpisode:
+    instruction: str
+    images: np.ndarray  # (T, cams, S, S, 3) uint8
+    state: np.ndarray  # (T, D)
+    action: np.ndarray  # (T, D)
+    value: np.ndarray  # (T,) gamma**(steps to success), 0 for failed episodes
+    progress: np.ndarray  # (T,) in [0, 1]
+    success: bool
+    source: str
+    seed: int | None
+
+
+def targets(subtask_index: np.ndarray, n_subtasks: int, success: bool, gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Value: gamma**(steps until the success detector fired) for successful episodes, 0 otherwise.
+    Progress: completed subtasks / n; inside a successful episode's subtask segment it rises linearly to the
+    next boundary (a failed episode gets no credit for time spent)."""
+    T = len(subtask_index)
+    n = max(n_subtasks, 1)
+    steps_left = T - np.arange(T)
+    value = gamma ** steps_left if success else np.zeros(T)
+    progress = np.minimum(subtask_index, n).astype(np.float64) / n
+    if success:
+        bounds = [0] + [int(np.argmax(subtask_index >= j)) if (subtask_index >= j).any() else T for j in range(1, n)] + [T]
+        for j in range(n):
+            a, b = bounds[j], max(bounds[j + 1], bounds[j] + 1)
+            seg = np.arange(a, min(b, T))
+            progress[seg] = (j + (seg - a + 1) / (b - a)) / n
+    return value.astype(np.float32), np.clip(progress, 0, 1).astype(np.float32)
+
+
+def load_episodes(paths: list[str], cfg: WmConfig, max_per_store: int | None = None,
+                  progress: bool = True) -> tuple[list[WmEpisode], list[WmEpisode]]:
+    """(train, held-out) episodes of cfg.robot from the stores, images resized to cfg.image_size."""
+    from vla_stack.policy.vla.dataset import resize_images
+
+    train, val = [], []
+    for path in paths:
+        store = EpisodeStore.open(path)
+        if store.robot != cfg.robot:
+            raise VlaStackError(f"{path} holds robot '{store.robot}', the world model is for '{cfg.robot}'")
+        need = [f"images.{c}" for c in cfg.cameras] + ["state", "action", "subtask_index"]
+        missing = [f for f in need if f not in store.features]
+        if missing:
+            raise VlaStackError(f"{path} lacks features {', '.join(missing)}")
+        indices = store.episode_indices()[:max_per_store]
+        for n, i in enumerate(tqdm(indices, desc=f"load {Path(path).name}", disable=not progress, unit="ep")):
+            meta, data = store.episode_meta(i), store.read_episode(i)
+            if len(data["action"]) < 2:
+                continue
+            images = np.stack([resize_images(data[f"images.{c}"], cfg.image_size) for c in cfg.cameras], 1)
+            success = bool(meta.success)
+            value, prog = targets(np.asarray(data["subtask_index"]), len(meta.subtasks), success, cfg.gamma)
+            ep = WmEpisode(meta.instruction, images, data["state"].astype(np.float32),
+                           data["action"].astype(np.float32), value, prog, success, Path(path).name, meta.seed)
+            (val if n % VAL_EVERY == VAL_EVERY - 1 else train).append(ep)
+    if not train:
+        raise VlaStackError("no training episodes in " + ", ".join(paths))
+    return train, val
+
+
+class ChunkSampler:
+    """Random (episode, t) samples: frames [t, t+k, t+H, t+2H] (k uniform in 1..H), actions t..t+2H-1;
+    anything past the episode end is masked (the episode ended: success fired or time ran out)."""
+
+    def __init__(self, episodes: list[WmEpisode], cfg: WmConfig):
+        self.cfg = cfg
+        self.images = np.concatenate([e.images for e in episodes])
+        self.state = torch.from_numpy(np.concatenate([e.state for e in episodes]))
+        self.action = torch.from_numpy(np.concatenate([e.action for e in episodes]))
+        self.value = torch.from_numpy(np.concatenate([e.value for e in episodes]))
+        self.progress = torch.from_numpy(np.concatenate([e.progress for e in episodes]))
+        lengths = np.array([len(e.action) for e in episodes])
+        self.start = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        self.length = lengths
+        self.instructions = [e.instruction for e in episodes]
+        self.success = np.array([e.success for e in episodes])
+        # every frame but the last of each episode can start a sample
+        self.ep_of = np.concatenate([np.full(n - 1, i) for i, n in enumerate(lengths)])
+        self.t_of = np.concatenate([np.arange(n - 1) for n in lengths])
+
+    def __len__(self) -> int:
+        return len(self.ep_of)
+
+    def batch(self, size: int, rng: np.random.Generator) -> dict:
+        H = self.cfg.chunk
+        pick = rng.integers(0, len(self.ep_of), size)
+        ep, t = self.ep_of[pick], self.t_of[pick]
+        k = rng.integers(1, H + 1, size)
+        offsets = np.stack([np.zeros(size, int), k, np.full(size, H), np.full(size, 2 * H)], 1)  # (B, 4)
+        last = self.length[ep][:, None] - 1
+        frame_mask = (t[:, None] + offsets) <= last
+        frames = self.start[ep][:, None] + np.minimum(t[:, None] + offsets, last)
+        steps = t[:, None] + np.arange(2 * H)[None]
+        action_mask = steps <= last
+        act_idx = self.start[ep][:, None] + np.minimum(steps, last)
+        images = torch.from_numpy(self.images[frames.reshape(-1)]).view(size, 4, *self.images.shape[1:])
+        return {
+            "images": images.permute(0, 1, 2, 5, 3, 4).float() / 255.0,
+            "state": self.state[torch.from_numpy(frames)],
+            "frame_mask": torch.from_numpy(frame_mask.astype(np.float32)),
+            "k": torch.from_numpy(k),
+            "actions": self.action[torch.from_numpy(act_idx)],
+            "action_mask": torch.from_numpy(action_mask.astype(np.float32)),
+            "value": self.value[torch.from_numpy(frames)],
+            "progress": self.progress[torch.from_numpy(frames)],
+            "prior_weight": torch.from_numpy(self.success[ep].astype(np.float32)),
+            "instructions": [self.instructions[i] for i in ep],
+        }
+
+
+def load_yaml(path: str | Path) -> tuple[WmConfig, list[str], TrainConfig]:
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise VlaStackError(f"world-model config {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise VlaStackError(f"world-model config {path} is not valid YAML: {exc}") from None
+    if not isinstance(doc, dict) or not {"model", "data", "train"} <= set(doc):
+        raise VlaStackError(f"{path} needs the sections model:, data: and train:")
+    try:
+        return WmConfig.from_dict(doc["model"]), [str(p) for p in doc["data"]], TrainConfig(**doc["train"])
+    except TypeError as exc:
+        raise VlaStackError(f"{path}: bad section ({exc})") from None
+
+
+def train_model(model: WorldModel, sampler: ChunkSampler, tc: TrainConfig, progress: bool = True,
+                on_save=None) -> list[dict]:
+    """The optimisation loop (AdamW, warmup + cosine, gradient clipping); returns the logged history."""
+    torch.manual_seed(tc.seed)
+    rng = np.random.default_rng(tc.seed)
+    gen = torch.Generator().manual_seed(tc.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(tc.warmup_steps, 1)) *
+                                              0.5 * (1 + math.cos(math.pi * min(s / max(tc.steps, 1), 1.0))))
+    model.train()
+    history, start = [], time.perf_counter()
+    bar = tqdm(range(tc.steps), desc="train wm", disable=not progress, mininterval=10)
+    running: dict[str, float] = {}
+    for step in bar:
+        loss, info = model.loss(sampler.batch(tc.batch_size, rng), gen)
+        if not torch.isfinite(loss):
+            raise VlaStackError(f"world-model loss became {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        sched.step()
+        for key, v in info.items():
+            running[key] = running.get(key, 0.0) + float(v)
+        done = step + 1 == tc.steps or (tc.max_minutes and time.perf_counter() - start > 60 * tc.max_minutes)
+        if (step + 1) % 50 == 0 or done:
+            n = (step % 50) + 1
+            row = {"step": step + 1, "minutes": round((time.perf_counter() - start) / 60, 2),
+                   **{k: round(v / n, 5) for k, v in running.items()}}
+            history.append(row)
+            running = {}
+            bar.set_postfix(loss=row["loss"], pred=row["pred"], sigreg=row["sigreg"])
+            if progress:
+                print(json.dumps(row), flush=True)
+        if on_save is not None and ((step + 1) % tc.save_every == 0 or done):
+            on_save(step + 1, history)
+        if done:
+            break
+    model.eval()
+    return history
+
+
+def train(config: str | Path, progress: bool = True) -> dict:
+    cfg, data, tc = load_yaml(config)
+    torch.set_num_threads(tc.num_threads)
+    train_eps, val_eps = load_episodes(data, cfg, tc.max_episodes_per_store, progress)
+    model = WorldModel(cfg)
+    model.set_stats(np.concatenate([e.state for e in train_eps]), np.concatenate([e.action for e in train_eps]))
+    sampler = ChunkSampler(train_eps, cfg)
+    out = Path(tc.output_dir)
+    meta = {"data": data, "train": dataclasses.asdict(tc), "train_episodes": len(train_eps),
+            "val_episodes": len(val_eps), "train_frames": int(sum(len(e.action) for e in train_eps)),
+            "parameters": param_count(model)}
+    print(json.dumps(meta), flush=True)
+
+    def save(step: int, history: list[dict]) -> None:
+        save_world_model(out, model, {**meta, "step": step, "last": history[-1] if history else {}})
+
+    history = train_model(model, sampler, tc, progress, on_save=save)
+    from vla_stack.planners.world_model.quality import prediction_quality
+
+    quality = prediction_quality(model, val_eps) if val_eps else None
+    meta.update(step=history[-1]["step"], last=history[-1], quality=quality)
+    save_world_model(out, model, meta)
+    (out / "history.json").write_text(json.dumps(history))
+    if quality is not None:
+        (out / "quality.json").write_text(json.dumps(quality, indent=1))
+    if tc.export_dir:
+        save_world_model(tc.export_dir, model, meta, dtype=torch.float16)
+    return {"output_dir": str(out), "export_dir": tc.export_dir, "steps": history[-1]["step"],
+            "last": history[-1], "quality": quality}
