@@ -13,11 +13,13 @@ import typer
 def train_command(
     config: Path = typer.Option(..., "--config", help="Training YAML (policy:, data:, train: sections)."),
     resume: bool = typer.Option(False, help="Continue from output_dir/train_state.pt if it exists."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Resolve the config's relative data: and "
+                                            "output_dir paths here (default: $VLA_STACK_DATA_DIR or the user data dir)."),
 ) -> None:
     """Train a VLA policy (runs under torchrun for DDP: gloo on CPU, nccl on GPU)."""
     from vla_stack.policy.vla.train import train
 
-    result = train(config, resume=resume)
+    result = train(config, resume=resume, data_dir=data_dir)
     if result["rank"] == 0:
         print(json.dumps(result, indent=2))
 

@@ -42,6 +42,12 @@ class VlaConfig:
     # --- action expert ---
     expert_width: int = 128
 
+    # --- training-only auxiliary localisation loss ---
+    # > 0: a small head pools the prefix's output tokens and regresses the named cube's and the destination's
+    # xy (privileged labels regenerated from each demo's scene seed, dataset.aux_labels); its loss is added
+    # with this weight. It shapes what the prefix encodes; inference never runs it.
+    aux_weight: float = 0.0
+
     def __post_init__(self) -> None:
         self.cameras = tuple(self.cameras)
         if self.backbone not in BACKBONES:
@@ -50,6 +56,8 @@ class VlaConfig:
             raise VlaStackError(f"unknown normalization '{self.normalization}' (known: {', '.join(NORMALIZATIONS)})")
         if self.backbone == "hf" and not self.hf_path:
             raise VlaStackError("backbone 'hf' needs hf_path: a local directory holding the VLM")
+        if self.aux_weight < 0:
+            raise VlaStackError(f"aux_weight must be >= 0, got {self.aux_weight}")
         if not 1 <= self.n_action_steps <= self.chunk_size:
             raise VlaStackError(f"n_action_steps must be in 1..chunk_size ({self.chunk_size})")
         for name, joints in self.embodiments.items():

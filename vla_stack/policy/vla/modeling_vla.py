@@ -33,6 +33,9 @@ class KVCache:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     mask: torch.Tensor  # (B, T) bool: False marks padding
+    # The prefix's output token states (B, T, width) where the backbone exposes them (auxiliary head input);
+    # not part of what later tokens attend to, so extend/repeat drop it.
+    features: torch.Tensor | None = None
 
     def extend(self, keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor) -> KVCache:
         return KVCache([torch.cat([a, b], 2) for a, b in zip(self.keys, keys)],
@@ -226,7 +229,7 @@ class TinyBackbone(Backbone):
             keys.append(k)
             values.append(v)
         k, v = self.layers[-1].keys_values(self.layers[-1].norm1(x))
-        return KVCache([*keys, k], [*values, v], mask)
+        return KVCache([*keys, k], [*values, v], mask, features=x)
 
 
 class HFBackbone(Backbone):
@@ -272,7 +275,8 @@ class HFBackbone(Backbone):
         mask = torch.cat([torch.ones_like(image_ids, dtype=torch.bool), text["text_mask"]], 1)
         out = self.vlm(input_ids=input_ids, attention_mask=mask.long(), pixel_values=pixels, use_cache=True)
         layers = out.past_key_values.layers
-        return KVCache([layer.keys.float() for layer in layers], [layer.values.float() for layer in layers], mask)
+        return KVCache([layer.keys.float() for layer in layers], [layer.values.float() for layer in layers], mask,
+                       features=out.last_hidden_state.float())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -359,6 +363,31 @@ def euler_sample(velocity, noise: torch.Tensor, num_steps: int,
     return x
 
 
+class AuxHead(nn.Module):
+    """Training-only localisation probe on the prefix: one learned query attention-pools the prefix output
+    tokens (image tokens that text tokens have attended to, so it can find the *named* cube), then an MLP
+    regresses [cube x, y, destination x, y] in workspace-normalised coordinates (dataset.aux_labels)."""
+
+    def __init__(self, width: int, out_dim: int = 4):
+        super().__init__()
+        self.norm = nn.RMSNorm(width)
+        self.query = nn.Parameter(torch.randn(width) * width ** -0.5)
+        self.key = nn.Linear(width, width)
+        self.value = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(approximate="tanh"), nn.Linear(width, out_dim))
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm(features)
+        scores = (self.key(h) @ self.query) / h.shape[-1] ** 0.5
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        return self.mlp((weights[..., None] * self.value(h)).sum(1))
+
+
+def aux_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Squared error over the labelled entries only (mask 1); zero when nothing in the batch is labelled."""
+    return ((prediction - target).square() * mask).sum() / mask.sum().clamp_min(1.0)
+
+
 class VlaModel(nn.Module):
     """Backbone + action expert. Inputs are already normalised and padded (see normalize.py / dataset.py):
     images (B, cams, 3, H, W) in [0, 1], state (B, 32), state_mask (B, 32), embodiment (B,) long, text dict."""
@@ -368,20 +397,44 @@ class VlaModel(nn.Module):
         self.config = config
         self.backbone = build_backbone(config)
         self.expert = ActionExpert(config, self.backbone)
+        if config.aux_weight > 0:
+            width = config.width if config.backbone == "tiny" else self.backbone.vlm.config.text_config.hidden_size
+            self.aux_head = AuxHead(width)
 
-    def encode_prefix(self, batch: dict) -> KVCache:
-        cache = self.backbone(batch["images"], batch["text"])
-        return self.expert.add_state(cache, batch["state"], batch["state_mask"], batch["embodiment"])
+    def encode_prefix(self, batch: dict, return_prefix: bool = False):
+        prefix = self.backbone(batch["images"], batch["text"])
+        cache = self.expert.add_state(prefix, batch["state"], batch["state_mask"], batch["embodiment"])
+        return (cache, prefix) if return_prefix else cache
 
     def forward(self, batch: dict, noise_samples: int = 1,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         """Masked flow-matching loss. batch["actions"] (B, H, 32) normalised, batch["action_mask"] (B, H, 32)
-        is 1 on real dims of non-padded chunk steps. `noise_samples` noise/time draws share one prefix pass."""
+        is 1 on real dims of non-padded chunk steps. `noise_samples` noise/time draws share one prefix pass.
+        With config.aux_weight > 0 and batch["aux"]/batch["aux_mask"] given, the auxiliary localisation loss
+        is added (logged separately as "aux")."""
         actions = batch["actions"].repeat_interleave(noise_samples, 0)
         mask = batch["action_mask"].repeat_interleave(noise_samples, 0)
-        cache = self.encode_prefix(batch).repeat(noise_samples)
-        loss = flow_matching_loss(lambda x_t, t: self.expert.velocity(cache, x_t, t), actions, mask, generator)
-        return loss, {"loss": loss.detach()}
+        cache, prefix = self.encode_prefix(batch, return_prefix=True)
+        cache = cache.repeat(noise_samples)
+        flow = flow_matching_loss(lambda x_t, t: self.expert.velocity(cache, x_t, t), actions, mask, generator)
+        logs = {"flow": flow.detach()}
+        loss = flow
+        if self.config.aux_weight > 0 and "aux" in batch:
+            if prefix.features is None:
+                raise VlaStackError("the auxiliary loss needs the backbone's prefix token states")
+            aux = aux_loss(self.aux_head(prefix.features, prefix.mask), batch["aux"], batch["aux_mask"])
+            loss = loss + self.config.aux_weight * aux
+            logs["aux"] = aux.detach()
+        logs["loss"] = loss.detach()
+        return loss, logs
+
+    @torch.no_grad()
+    def predict_aux(self, batch: dict) -> torch.Tensor:
+        """The auxiliary head's [cube x, y, destination x, y] (workspace-normalised) for a batch; diagnostics."""
+        if self.config.aux_weight <= 0:
+            raise VlaStackError("this model has no auxiliary head (aux_weight is 0)")
+        prefix = self.backbone(batch["images"], batch["text"])
+        return self.aux_head(prefix.features, prefix.mask)
 
     @torch.no_grad()
     def sample_actions(self, batch: dict, num_steps: int | None = None, noise: torch.Tensor | None = None,

@@ -52,7 +52,22 @@ class TrainConfig:
     max_minutes: float | None = None  # stop (and save) after this wall time, e.g. on a shared machine
 
 
-def load_yaml(path: str | Path) -> tuple[VlaConfig, list[str], TrainConfig]:
+def resolve_data_path(path: str | Path, data_dir: str | Path | None = None) -> Path:
+    """Absolute (or ~) paths stay as they are; relative ones are relative to the user data dir (vla_stack.paths:
+    --data-dir, then $VLA_STACK_DATA_DIR, then the platform's user data dir), so a config such as
+    policies/vla_tiny.yaml names `vla/pick-panda.zarr` and works on any machine."""
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    from vla_stack.paths import data_dir as user_data_dir
+
+    return user_data_dir(data_dir) / path
+
+
+def load_yaml(path: str | Path, data_dir: str | Path | None = None) -> tuple[VlaConfig, list[str], TrainConfig]:
+    """(policy config, data sources, train config). Data sources and output_dir resolve against the data dir
+    (see resolve_data_path); export_dir stays relative to the working directory (the shipped checkpoint goes
+    into the repo's policies/)."""
     path = Path(path)
     try:
         doc = yaml.safe_load(path.read_text())
@@ -66,7 +81,15 @@ def load_yaml(path: str | Path) -> tuple[VlaConfig, list[str], TrainConfig]:
         train = TrainConfig(**doc["train"])
     except TypeError as exc:
         raise VlaStackError(f"{path}: bad train: section ({exc})") from None
-    return VlaConfig.from_dict(doc["policy"]), [str(s) for s in doc["data"]], train
+    if not isinstance(doc["data"], list) or not doc["data"]:
+        raise VlaStackError(f"{path}: data: must be a non-empty list of episode stores or LeRobot folders")
+    train.output_dir = str(resolve_data_path(train.output_dir, data_dir))
+    sources = [str(resolve_data_path(str(s), data_dir)) for s in doc["data"]]
+    missing = [s for s in sources if not Path(s).exists()]
+    if missing:
+        raise VlaStackError(f"{path}: data source(s) not found: {', '.join(missing)} (relative paths are under the "
+                            "data dir: pass --data-dir or set VLA_STACK_DATA_DIR)")
+    return VlaConfig.from_dict(doc["policy"]), sources, train
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -104,8 +127,9 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p, 1 - decay)
 
 
-def train(config_path: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    policy_cfg, sources, cfg = load_yaml(config_path)
+def train(config_path: str | Path, resume: bool = False, progress: bool = True,
+          data_dir: str | Path | None = None) -> dict:
+    policy_cfg, sources, cfg = load_yaml(config_path, data_dir)
     rank, world, device = setup_distributed()
     torch.set_num_threads(cfg.num_threads or max(1, (os.cpu_count() or 1) // world))
     torch.manual_seed(cfg.seed + rank)
@@ -139,7 +163,8 @@ def train(config_path: str | Path, resume: bool = False, progress: bool = True) 
             return
         meta = {"step": step, "train_config": dataclasses.asdict(cfg), "sources": sources,
                 "frames_per_robot": {r: int((data.embodiment == policy_cfg.embodiment_id(r)).sum())
-                                       for r in policy_cfg.embodiments}}
+                                       for r in policy_cfg.embodiments},
+                "aux_labelled_episodes": data.labelled_episodes}
         save_checkpoint(out / "checkpoint", ema, normalizer, meta=meta)
         torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                     "step": step}, out / f".{TRAIN_STATE}.tmp")
@@ -156,7 +181,7 @@ def train(config_path: str | Path, resume: bool = False, progress: bool = True) 
         idx = torch.randint(len(data), (cfg.batch_size,), generator=generator)
         batch = {k: (v.to(device) if torch.is_tensor(v) else {n: t.to(device) for n, t in v.items()})
                  for k, v in data.batch(idx, model.backbone, cfg.image_shift, generator).items()}
-        loss, _ = trainer(batch, noise_samples=cfg.noise_samples)
+        loss, logs = trainer(batch, noise_samples=cfg.noise_samples)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -166,8 +191,8 @@ def train(config_path: str | Path, resume: bool = False, progress: bool = True) 
         samples += cfg.batch_size * world
         elapsed = time.perf_counter() - start
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", gnorm=f"{grad_norm.item():.2f}",
-                        samples_s=f"{samples / elapsed:.1f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", **({"aux": f"{logs['aux'].item():.4f}"} if "aux" in logs else {}),
+                        gnorm=f"{grad_norm.item():.2f}", samples_s=f"{samples / elapsed:.1f}")
         out_of_time = cfg.max_minutes is not None and elapsed > 60 * cfg.max_minutes
         if world > 1:  # every rank must stop at the same step
             flag = torch.tensor([float(out_of_time)], device=device)
