@@ -3,8 +3,10 @@ lifecycle node from outside, all on loopback in a chosen ROS domain."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import random
+import signal
 import subprocess
 import sys
 
@@ -45,7 +47,15 @@ def spawn_node(executable: str, params: dict, env: dict[str, str], remaps: dict[
         args += ["-p", f"{name}:={ros_value(value)}"]
     for old, new in (remaps or {}).items():
         args += ["-r", f"{old}:={new}"]
-    return subprocess.Popen(args, env=env, **popen)
+    return subprocess.Popen(args, env=env, preexec_fn=_die_with_parent, **popen)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the node when the process that started it dies, so a killed benchmark or test run never
+    leaves nodes spinning in the background."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def stop(processes: list[subprocess.Popen], timeout: float = 10.0) -> None:
