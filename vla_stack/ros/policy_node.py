@@ -34,6 +34,12 @@ class PolicyNode(LifecycleNode):
         super().__init__("policy_node", **kwargs)
         self.robot = get_robot(param(self, "robot", "panda", "Robot model: panda or so101", True))
         self.policy_name = param(self, "policy", "expert", "'expert' or a checkpoint path", True)
+        self.planner = param(self, "planner", "none", "Planner over a checkpoint policy: none, wm (world-model "
+                                                      "MCTS over VLA chunks) or mem", True)
+        self.planner_checkpoint = param(self, "planner_checkpoint", "", "Planner checkpoint directory ('' = the "
+                                                                        "shipped one)", True)
+        self.planner_deadline = param(self, "planner_deadline", 0.15, "Search deadline per decision (s) of the "
+                                                                      "wm planner", True)
         self.cameras = list(param(self, "cameras", list(CAMERAS), "Cameras the policy sees; images of the first "
                                                                   "trigger inference", True))
         self.action_dt = param(self, "action_dt", 0.1, "Seconds between the points of an action chunk (the "
@@ -76,7 +82,11 @@ class PolicyNode(LifecycleNode):
     # ------------------------------------------------------------------------------------------- lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
-            self.source = load_source(self.policy_name, self.robot, 1.0 / self.action_dt)
+            options = {"checkpoint": self.planner_checkpoint}
+            if self.planner == "wm":
+                options["deadline_s"] = self.planner_deadline
+            self.source = load_source(self.policy_name, self.robot, 1.0 / self.action_dt, self.planner,
+                                      options if self.planner != "none" else None)
         except VlaStackError as exc:
             self.get_logger().error(f"cannot load policy: {exc}")
             return TransitionCallbackReturn.FAILURE

@@ -91,16 +91,32 @@ class ExpertSource:
 
 class CheckpointSource:
     """A trained VLA checkpoint: each observation gives a chunk of future targets (predict_action_chunk); the
-    node runs inference off the executor itself, so the policy's own asynchronous inference is off."""
+    node runs inference off the executor itself, so the policy's own asynchronous inference is off. With a
+    planner (`wm`: world-model MCTS over the VLA's sampled chunks) each chunk is one planning decision, searched
+    within the planner's deadline."""
 
     needs_oracle = False
 
-    def __init__(self, path: str, robot: RobotSpec):
+    def __init__(self, path: str, robot: RobotSpec, planner: str = "none", planner_options: dict | None = None):
         from vla_stack.policy.vla.runner import load_vla_policy
 
         self.name = Path(path).name
         self.policy = load_vla_policy(path, robot.name, async_inference=False)
         self.instruction = None
+        if planner != "none":
+            from types import SimpleNamespace
+
+            from vla_stack.planners import wrap_policy
+
+            options = dict(planner_options or {})
+            try:
+                self.policy = wrap_policy(planner, self.policy, SimpleNamespace(robot=robot),
+                                          checkpoint=options.pop("checkpoint", None) or None, **options)
+            except ImportError as exc:
+                raise VlaStackError(f"planner '{planner}' is not available: {exc}") from None
+            if not hasattr(self.policy, "predict_action_chunk"):
+                raise VlaStackError(f"planner '{planner}' cannot produce action chunks for the policy node")
+            self.name += f"+{planner}"
 
     def chunk(self, obs: dict, state: dict | None) -> np.ndarray:
         if obs["instruction"] != self.instruction:  # a new task: forget the previous one
@@ -109,10 +125,14 @@ class CheckpointSource:
         return np.asarray(self.policy.predict_action_chunk(obs), np.float32).reshape(-1, len(obs["state"]))
 
 
-def load_source(policy: str, robot: RobotSpec, control_hz: float):
-    """'expert' or a checkpoint directory; bad input raises VlaStackError with a one-line reason."""
+def load_source(policy: str, robot: RobotSpec, control_hz: float, planner: str = "none",
+                planner_options: dict | None = None):
+    """'expert' or a checkpoint directory (optionally wrapped by a planner: none, wm, mem); bad input raises
+    VlaStackError with a one-line reason."""
     if policy == "expert":
+        if planner != "none":
+            raise VlaStackError(f"planner '{planner}' needs a checkpoint policy, not the scripted expert")
         return ExpertSource(robot, control_hz)
     if not Path(policy).exists():
         raise VlaStackError(f"policy '{policy}' is neither 'expert' nor an existing checkpoint path")
-    return CheckpointSource(policy, robot)
+    return CheckpointSource(policy, robot, planner, planner_options)

@@ -87,7 +87,7 @@ class WorldModelPlanner:
         with torch.inference_mode():
             return self.wm.encode(x, state)[0].numpy()
 
-    def _plan(self, obs: dict) -> None:
+    def _plan(self, obs: dict) -> np.ndarray:
         t0 = time.perf_counter()
         chunks = sample_vla_chunks(self.vla, obs, self.k, self._generator)  # (K, chunk_size, A) robot units
         t1 = time.perf_counter()
@@ -120,6 +120,12 @@ class WorldModelPlanner:
         record["index"] = index
         self._decisions.append(record)
         self._queue = list(chunks[index, :H])
+        return chunks[index, :H]
+
+    def predict_action_chunk(self, obs: dict) -> np.ndarray:
+        """One planning decision: the chosen chunk's first H steps (H, action_dim), robot units (the ROS node
+        sends whole chunks and asks again at its own rate)."""
+        return self._plan(obs)
 
     def select_action(self, obs: dict) -> np.ndarray:
         if not self._queue:

@@ -1,0 +1,94 @@
+"""The world-model planner around the shipped VLA, in one process: in the env through evaluation's run_episode,
+through the ROS policy node's checkpoint source (planner parameter), and its refusals."""
+
+import numpy as np
+import pytest
+import torch
+
+from vla_stack.errors import VlaStackError
+from vla_stack.planners import wrap_policy
+from vla_stack.planners.world_model.model import WmConfig, WorldModel, save_world_model
+from vla_stack.policy.vla.runner import InvalidObservationError
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def wm_checkpoint(tmp_path_factory):
+    """An untrained (random) world model of the shipped shape: the planner's plumbing, not its judgement."""
+    torch.manual_seed(0)
+    cfg = WmConfig(robot="panda", image_size=32, channels=(8, 8), latent_dim=16, hidden=32, predictor_hidden=64)
+    return save_world_model(tmp_path_factory.mktemp("wm") / "wm", WorldModel(cfg))
+
+
+@pytest.fixture(scope="module")
+def env():
+    from vla_stack.sim.env import TabletopEnv
+
+    e = TabletopEnv("pick", "panda", image_size=64, max_steps=16)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def vla():
+    from vla_stack.paths import share_dir
+    from vla_stack.policy.vla.runner import load_vla_policy
+
+    return load_vla_policy(share_dir("policies") / "vla_tiny", "panda", async_inference=False)
+
+
+@pytest.mark.parametrize("mode", ["mcts", "best_of_k"])
+def test_planner_runs_an_episode(env, vla, wm_checkpoint, mode):
+    from vla_stack.evaluation import run_episode
+
+    planner = wrap_policy("wm", vla, env, checkpoint=wm_checkpoint, k=4, mode=mode, deadline_s=None,
+                          max_simulations=64, batch_size=16)
+    record, _ = run_episode(env, planner, seed=1_000_000)
+    m = record["planner"]
+    assert record["steps"] == 16 and m["decisions"] == 2 and m["mode"] == mode
+    assert m["rollouts_mean"] >= (4 if mode == "best_of_k" else 20)
+    summary = planner.summary()
+    assert summary["decisions"] == 2
+    # deterministic without a deadline: the same seed gives the same actions
+    actions = []
+    for _ in range(2):
+        obs, _ = env.reset(seed=1_000_001)
+        planner.reset(seed=1_000_001)
+        actions.append(np.stack([planner.select_action(obs) for _ in range(3)]))
+    np.testing.assert_array_equal(actions[0], actions[1])
+
+
+def test_planner_refuses_bad_observations_and_robots(env, vla, wm_checkpoint):
+    planner = wrap_policy("wm", vla, env, checkpoint=wm_checkpoint, k=2, deadline_s=0.02)
+    obs, _ = env.reset(seed=1_000_000)
+    obs["state"] = obs["state"].copy()
+    obs["state"][0] = np.nan
+    with pytest.raises(InvalidObservationError):
+        planner.select_action(obs)
+    from types import SimpleNamespace
+
+    from vla_stack.sim.robots import get_robot
+
+    with pytest.raises(VlaStackError, match="trained for 'panda'"):
+        wrap_policy("wm", vla, SimpleNamespace(robot=get_robot("so101")), checkpoint=wm_checkpoint)
+    with pytest.raises(VlaStackError, match="unknown wm planner option"):
+        wrap_policy("wm", vla, env, checkpoint=wm_checkpoint, bogus=1)
+    with pytest.raises(VlaStackError, match="needs a VLA"):
+        wrap_policy("wm", object(), env, checkpoint=wm_checkpoint)
+
+
+def test_ros_checkpoint_source_with_the_wm_planner(env, wm_checkpoint):
+    from vla_stack.paths import share_dir
+    from vla_stack.ros.policy_source import load_source
+    from vla_stack.sim.robots import get_robot
+
+    robot = get_robot("panda")
+    source = load_source(str(share_dir("policies") / "vla_tiny"), robot, 10.0, "wm",
+                         {"checkpoint": str(wm_checkpoint), "deadline_s": 0.05, "k": 2})
+    obs, _ = env.reset(seed=1_000_000)
+    chunk = source.chunk(obs, None)
+    assert chunk.shape == (8, 8) and np.all(np.isfinite(chunk))
+    assert source.name == "vla_tiny+wm"
+    with pytest.raises(VlaStackError, match="needs a checkpoint policy"):
+        load_source("expert", robot, 10.0, "wm")
