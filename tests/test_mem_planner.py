@@ -1,0 +1,229 @@
+"""The MEM planner's high level: memory labels and their validation, memory through an injected failed grasp,
+training samples from an episode store, a tiny model that learns, decoding, checkpoints, and the planner loop."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vla_stack.errors import VlaStackError
+from vla_stack.planners.mem.data import DropInjector, build_samples, collect_mem
+from vla_stack.planners.mem.memory import EMPTY, InvalidMemoryError, TaskMemory, is_memory_text, is_subtask_text
+from vla_stack.planners.mem.model import CheckpointError, HighLevelModel, MemConfig, MiniLMText, load_model
+from vla_stack.planners.mem.policy import MemPlanner, SubtaskExpert, make_policy
+from vla_stack.planners.mem.train import SampleSet, fit
+from vla_stack.policy.scripted import ScriptedExpert
+from vla_stack.sim.env import TabletopEnv
+from vla_stack.sim.robots import get_robot
+from vla_stack.sim.tasks import generate
+
+PANDA = get_robot("panda")
+TINY = dict(image_size=32, patch=8, width=32, encoder_layers=1, decoder_layers=1, heads=2, ff_mult=2)
+
+
+@pytest.fixture(scope="module")
+def text():
+    return MiniLMText()
+
+
+@pytest.fixture(scope="module")
+def perturbed_store(tmp_path_factory):
+    """One restore episode with a forced drop (32 px front camera)."""
+    path = tmp_path_factory.mktemp("mem") / "restore.zarr"
+    result = collect_mem("restore", "panda", 1, path, seed_start=3, image_size=32, drop_fraction=1.0, progress=False)
+    assert result["drops_happened"] == 1
+    return path
+
+
+# ------------------------------------------------------------------------------------------- memory
+def test_sort_and_restore_labels_are_outcomes():
+    sort = TaskMemory(generate("sort", PANDA, 0), PANDA)
+    colors = [sort.task.cubes[s.goal.cube].color for s in sort.task.subtasks]
+    assert sort.label(0) == "0 of 3 cubes sorted"
+    assert sort.label(2) == f"2 of 3 cubes sorted; {colors[0]} is in the {colors[0]} bin, {colors[1]} is in the {colors[1]} bin"
+    assert sort.subtask(3) == "done" and sort.subtask(0) == sort.task.subtasks[0].text
+    restore = TaskMemory(generate("restore", PANDA, 0), PANDA)
+    assert restore.label(0).startswith(f"the {restore.task.cubes[0].color} cube started at the ")
+    assert "; it started at the " in restore.label(1) and "is back at the" in restore.label(2)
+    for memory in (sort, restore):
+        for k, label in enumerate(memory.labels()):
+            assert memory.check_memory(label) == label and is_memory_text(label)
+            assert memory.done_from_memory(label) == k
+            assert is_subtask_text(memory.subtask(k))
+
+
+@pytest.mark.parametrize("garbled", [
+    "xq ## cube cube", "4 of 3 cubes sorted", "1 of 3 cubes sorted", "2 of 3 cubes sorted; {a} is in the {a} bin",
+    "1 of 3 cubes sorted; {a} is in the {b} bin", "1 of 2 cubes sorted; {a} is in the {a} bin",
+    "2 of 3 cubes sorted; {a} is in the {a} bin, {a} is in the {a} bin", "1 of 3 cubes sorted; {x} is in the {x} bin",
+    "the {a} cube started at the moon", None, 42,
+])
+def test_garbled_memory_is_rejected(garbled):
+    task = generate("sort", PANDA, 0)
+    memory = TaskMemory(task, PANDA)
+    a, b = task.cubes[0].color, task.cubes[1].color
+    x = next(c for c in ("red", "green", "blue", "yellow", "purple", "orange") if c not in {c.color for c in task.cubes})
+    text = garbled.format(a=a, b=b, x=x) if isinstance(garbled, str) else garbled
+    with pytest.raises(InvalidMemoryError):
+        memory.check_memory(text)
+
+
+def test_memory_survives_injected_failed_grasp():
+    """A cube dropped mid-carry and re-grasped: the outcome memory stays at the last confirmed outcome until the
+    scene's detector confirms the subtask, then moves on once; the episode still succeeds."""
+    env = TabletopEnv("sort", "panda", cameras=())
+    try:
+        env.reset(seed=5)
+        expert = ScriptedExpert(env)
+        expert.reset(seed=5)
+        memory = TaskMemory(env.task, env.robot)
+        inject = DropInjector(env, subtask=1, hold_steps=4)
+        cube = env.task.subtasks[1].goal.cube
+        labels, fell = [], False
+        for _ in range(env.max_steps):
+            action = inject(expert.select_action())
+            _, _, terminated, truncated, _ = env.step(action)
+            labels.append(memory.label(env.subtask_index))
+            if inject.drop_step is not None and env.subtask_index == 1:
+                fell = fell or not env.sim.cube_touching_robot(cube)  # let go by the forced release
+            if terminated or truncated:
+                break
+        assert inject.drop_step is not None and fell
+        assert env.success(), "the expert re-grasps the dropped cube"
+        after_drop = labels[inject.drop_step:]
+        # Only confirmed outcomes: exactly the three transitions, in order, no matter the failed attempt.
+        changes = [labels[0]] + [b for a, b in zip(labels, labels[1:]) if a != b]
+        assert changes == memory.labels()
+        assert after_drop[0] == memory.label(1), "the drop did not undo or advance the memory"
+    finally:
+        env.close()
+
+
+def test_training_samples_from_a_perturbed_store(perturbed_store):
+    samples = build_samples([perturbed_store], progress=False)
+    task = generate("restore", PANDA, 3)
+    memory = TaskMemory(task, PANDA)
+    assert {s.kind for s in samples} == {"boundary", "steady"}
+    assert any(s.after_failure for s in samples)
+    for s in samples:
+        assert s.image.shape == (32, 32, 3)
+        assert s.memory_out in memory.labels() and s.subtask in [*task.subtask_texts, "done"]
+        k = memory.labels().index(s.memory_out)
+        assert s.subtask == memory.subtask(k)
+        assert s.stale == (s.memory_in != s.memory_out)
+    first = [s for s in samples if s.kind == "boundary" and s.memory_in == EMPTY]
+    assert first and all(s.memory_out == memory.label(0) for s in first)
+
+
+# ------------------------------------------------------------------------------------------- model
+def test_tiny_model_trains_and_decodes_valid_subtasks(perturbed_store, text):
+    torch.manual_seed(0)
+    samples = build_samples([perturbed_store], progress=False)
+    model = HighLevelModel(MemConfig(**TINY), text=text)
+    data = SampleSet(samples, model.config.image_size)
+    result = fit(model, data, {"steps": 150, "batch_size": 16, "lr": 3e-3, "warmup_steps": 10, "image_shift": 0},
+                 np.random.default_rng(0))
+    assert result["final_loss"] < 0.3 * result["first_loss"], result
+    subtasks, memories, p = model.generate(data.images[:8].float(), data.goals[:8], data.memories_in[:8])
+    assert all(is_subtask_text(s) for s in subtasks), subtasks
+    assert np.mean([s == t for s, t in zip(subtasks, data.subtasks[:8])]) >= 0.75
+    assert p.shape == (8,) and bool(((p >= 0) & (p <= 1)).all())
+
+
+def test_checkpoint_round_trip_and_corrupt_checkpoints(tmp_path, text):
+    model = HighLevelModel(MemConfig(**TINY), text=text)
+    path = model.save(tmp_path / "ok", extra={"use_memory": True})
+    loaded = load_model(path, text=text)
+    for key, value in model.state_for_saving().items():
+        assert torch.equal(value, loaded.state_for_saving()[key])
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(tmp_path / "missing", text=text)
+    truncated = model.save(tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_model(truncated, text=text)
+    bad_json = model.save(tmp_path / "json")
+    (bad_json / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_model(bad_json, text=text)
+    other = HighLevelModel(MemConfig(**{**TINY, "width": 48, "heads": 2}), text=text).save(tmp_path / "other")
+    (other / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_model(other, text=text)
+
+
+# ------------------------------------------------------------------------------------------- planner
+def test_planner_resets_and_logs_garbled_memory(tmp_path, text, caplog):
+    model = HighLevelModel(MemConfig(**TINY), text=text)
+    planner = MemPlanner(None, None, model)
+    task = generate("sort", PANDA, 1)
+    planner.set_scene(task, PANDA)
+    good = TaskMemory(task, PANDA).label(1)
+    assert planner.set_memory(good) == good
+    with caplog.at_level(logging.WARNING, logger="vla_stack.planners.mem"):
+        assert planner.set_memory("1 of 3 cubes sorted; ??? garbage") == EMPTY
+        assert planner.set_memory(None) == EMPTY
+    assert planner.memory == EMPTY
+    assert planner.episode_metrics()["invalid_memory"] == 2
+    assert sum("memory reset" in r.message for r in caplog.records) == 2
+    # Without a scene only the grammar is checked.
+    planner.set_scene(None, None)
+    assert planner.set_memory(good) == good and planner.set_memory("garbage") == EMPTY
+    # The loop keeps going after whatever the (untrained) model writes: invalid output is reset, never raised.
+    planner.set_scene(task, PANDA)
+    image = np.zeros((64, 64, 3), np.uint8)
+    calls = sum(planner.update(image, task.instruction) for _ in range(12))
+    assert calls >= 1 and is_memory_text(planner.memory)
+
+
+def test_make_policy_options_and_subtask_executor(tmp_path, text):
+    env = TabletopEnv("restore", "panda", cameras=())
+    try:
+        path = HighLevelModel(MemConfig(**TINY), text=text).save(tmp_path / "ckpt", extra={"use_memory": True})
+        with pytest.raises(VlaStackError, match="unknown mem planner option"):
+            make_policy(ScriptedExpert(env), env, checkpoint=path, colour="red")
+        with pytest.raises(VlaStackError, match="on or off"):
+            make_policy(ScriptedExpert(env), env, checkpoint=path, memory="maybe")
+        with pytest.raises(CheckpointError):
+            make_policy(ScriptedExpert(env), env, checkpoint=tmp_path / "nothing")
+        planner = make_policy(ScriptedExpert(env), env, checkpoint=path, memory="off", check_every="3")
+        assert isinstance(planner.policy, SubtaskExpert) and not planner.use_memory and planner.check_every == 3
+        # The subtask executor runs exactly the subtask it is given.
+        env.reset(seed=2)
+        executor = SubtaskExpert(env)
+        executor.reset(seed=2)
+        executor.instruction = env.task.subtasks[0].text
+        for _ in range(env.max_steps):
+            env.step(executor.select_action())
+            if env.subtask_index == 1:
+                break
+        assert env.subtask_index == 1
+        for _ in range(30):  # it does not go on to the next subtask by itself
+            env.step(executor.select_action())
+        assert env.subtask_index == 1
+    finally:
+        env.close()
+
+
+def test_shipped_checkpoint_plans_sort_with_the_subtask_executor():
+    """The shipped high level over the scripted subtask executor on one held-out sort scene: every call writes
+    a well-formed memory and a subtask of the scene, and it is called at boundaries, not every step."""
+    shipped = Path(__file__).resolve().parents[1] / "policies" / "mem_tiny"
+    env = TabletopEnv("sort", "panda", cameras=())
+    try:
+        planner = make_policy(ScriptedExpert(env), env, checkpoint=shipped)
+        obs, info = env.reset(seed=1_000_003)
+        planner.reset(seed=1_000_003)
+        done = False
+        while not done:
+            obs, _, terminated, truncated, info = env.step(planner.select_action(obs))
+            done = terminated or truncated
+        metrics = planner.episode_metrics()
+        assert metrics["invalid_memory"] == 0 and metrics["invalid_subtask"] == 0
+        assert 1 <= metrics["high_level_calls"] <= env.steps / 5
+        assert all(s in env.task.subtask_texts or s == "done" for s in metrics["subtasks"])
+    finally:
+        env.close()

@@ -1,0 +1,205 @@
+"""Training data for the high level: episode stores -> (goal, memory in, front image) -> (subtask, memory out).
+
+Episodes come from ordinary zarr episode stores (any store with `images.front`, `subtask_index` and episode
+seeds works, e.g. one written by `vla-stack collect`). `collect_mem` writes stores made for this: the front
+camera only, the *unclamped* number of completed subtasks per frame, the terminal observation as a last frame
+(so "done" is learnable), and, in a chosen fraction of episodes, an injected failure: while the expert carries
+the cube of a random subtask, the gripper is forced open, the cube drops, and the expert re-grasps it. These
+perturbed episodes teach that a failed attempt changes nothing in the memory (MEM's train/test mismatch:
+demonstrations alone rarely show failures).
+
+Labels are programmatic (`memory.TaskMemory`), rebuilt from each episode's seed. Sample kinds per episode:
+- boundary ("stale") samples: the first frames after a subtask finished, fed the *previous* memory (or the empty
+  memory at the episode start); target = next subtask + updated memory; completion label 1.
+- steady samples: frames inside a subtask (perturbed frames included) fed the current memory; target unchanged
+  memory and the same subtask; completion label 0.
+- reset samples (sort only, where the scene shows all outcomes): a frame fed the empty memory; target the true
+  memory, so a memory reset after a garbled string recovers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from vla_stack.data.episode_store import EpisodeStore
+from vla_stack.errors import VlaStackError
+from vla_stack.planners.mem.memory import EMPTY, TaskMemory
+from vla_stack.sim.env import TabletopEnv
+from vla_stack.sim.robots import TABLE_Z, get_robot
+from vla_stack.sim.tasks import generate
+
+CAMERA = "front"
+
+
+@dataclass(frozen=True)
+class Sample:
+    image: np.ndarray  # uint8 (H, W, 3)
+    goal: str
+    memory_in: str
+    subtask: str
+    memory_out: str
+    stale: bool  # completion label: memory_in is out of date for this image
+    episode: int
+    kind: str  # boundary | steady | reset
+    after_failure: bool = False  # an injected drop happened earlier in this episode
+
+
+# ------------------------------------------------------------------------------------------- collection
+class DropInjector:
+    """Forces the gripper open for a few steps while the cube of one chosen subtask is carried."""
+
+    def __init__(self, env: TabletopEnv, subtask: int, hold_steps: int, open_steps: int = 8):
+        self.env, self.subtask, self.hold_steps, self.open_steps = env, subtask, hold_steps, open_steps
+        self.held = 0
+        self.opened = 0
+        self.drop_step: int | None = None
+
+    def __call__(self, action: np.ndarray) -> np.ndarray:
+        env, sim = self.env, self.env.sim
+        if self.drop_step is None and env.subtask_index == self.subtask:
+            cube = env.task.subtasks[self.subtask].goal.cube
+            lifted = sim.cube_pos(cube)[2] > TABLE_Z + sim.robot.cube_half + 0.02
+            self.held = self.held + 1 if lifted and sim.cube_touching_robot(cube) else 0
+            if self.held >= self.hold_steps:
+                self.drop_step = env.steps
+        if self.drop_step is not None and self.opened < self.open_steps:
+            self.opened += 1
+            action = np.array(action, np.float32)
+            action[-1] = 0.0
+        return action
+
+
+def store_features(image_size: int, n_joints: int, names: list[str]) -> dict:
+    return {
+        f"images.{CAMERA}": {"dtype": "uint8", "shape": [image_size, image_size, 3], "names": ["height", "width", "channel"]},
+        "state": {"dtype": "float32", "shape": [n_joints], "names": names},
+        "action": {"dtype": "float32", "shape": [n_joints], "names": names},
+        "subtask_index": {"dtype": "int64", "shape": [], "names": None},
+    }
+
+
+def collect_mem(task: str, robot: str, episodes: int, store_path: Path, seed_start: int = 0, image_size: int = 128,
+                drop_fraction: float = 0.4, progress: bool = True) -> dict:
+    """Record `episodes` expert episodes (successes and failures, perturbed or not) for high-level training.
+    `subtask_index` here counts completed subtasks (it reaches n on the terminal frame)."""
+    from vla_stack.policy.scripted import ScriptedExpert
+
+    if episodes < 1:
+        raise VlaStackError("episodes must be at least 1")
+    if not 0.0 <= drop_fraction <= 1.0:
+        raise VlaStackError(f"drop_fraction must be in [0, 1], got {drop_fraction}")
+    env = TabletopEnv(task, robot, image_size=image_size, cameras=(CAMERA,))
+    rng = np.random.default_rng(seed_start)
+    counts = {"episodes": 0, "successes": 0, "perturbed": 0, "drops_happened": 0}
+    try:
+        names = list(env.robot.joint_names)
+        store = EpisodeStore.open_or_create(store_path, robot=robot, fps=int(env.control_hz),
+                                            features=store_features(image_size, len(names), names))
+        used = [m.seed for i in store.episode_indices() if (m := store.episode_meta(i)).seed is not None]
+        seed = max(seed_start, max(used, default=seed_start - 1) + 1)
+        expert = ScriptedExpert(env)
+        for _ in tqdm(range(episodes), desc=f"collect-mem {task}/{robot}", disable=not progress, unit="ep"):
+            obs, info = env.reset(seed=seed)
+            expert.reset(seed=seed)
+            inject = None
+            if rng.random() < drop_fraction:
+                inject = DropInjector(env, int(rng.integers(len(env.task.subtasks))), int(rng.integers(2, 10)))
+            with store.begin_episode(instruction=env.instruction, subtasks=info["subtasks"], task=task,
+                                     seed=seed) as writer:
+                done, action = False, None
+                while True:
+                    if not done:
+                        action = expert.select_action(obs)
+                        if inject is not None:
+                            action = inject(action)
+                    writer.add_frame({f"images.{CAMERA}": obs["images"][CAMERA], "state": obs["state"],
+                                      "action": np.asarray(action, np.float32),
+                                      "subtask_index": np.int64(env.subtask_index)})
+                    if done:  # the terminal observation was just stored (its action repeats the last one)
+                        break
+                    obs, _, terminated, truncated, info = env.step(action)
+                    done = terminated or truncated
+                success = bool(info["success"])
+                writer.commit(success=success, extra={
+                    "steps": env.steps, "terminal_frame": True, "subtask_index": "completed",
+                    "perturbation": None if inject is None else "drop",
+                    "perturbed_subtask": None if inject is None else inject.subtask,
+                    "drop_step": None if inject is None else inject.drop_step})
+            counts["episodes"] += 1
+            counts["successes"] += success
+            counts["perturbed"] += inject is not None
+            counts["drops_happened"] += inject is not None and inject.drop_step is not None
+            seed += 1
+    finally:
+        env.close()
+    return {"store": str(store_path), **counts, "episodes_in_store": len(store)}
+
+
+# ------------------------------------------------------------------------------------------- samples
+def _completed(store: EpisodeStore, index: int, subtask_index: np.ndarray, n: int) -> np.ndarray:
+    """Completed subtasks per frame. Stores from `collect_mem` record that directly; `vla-stack collect` stores
+    record the current subtask index clamped to n-1 and no terminal frame, which is the same count there."""
+    meta = store.episode_meta(index)
+    counts = np.asarray(subtask_index, dtype=np.int64)
+    if meta.extra.get("subtask_index") != "completed":
+        counts = np.minimum(counts, n - 1)
+    return counts
+
+
+def episode_samples(store: EpisodeStore, index: int, rng: np.random.Generator, boundary_frames: int = 4,
+                    steady_per_subtask: int = 4, reset_samples: int = 2) -> list[Sample]:
+    meta = store.episode_meta(index)
+    if meta.seed is None:
+        raise VlaStackError(f"episode {index} of {store.path} has no seed: its memory labels cannot be rebuilt")
+    robot = get_robot(store.robot)
+    task = generate(meta.task, robot, int(meta.seed))
+    if list(task.subtask_texts) != list(meta.subtasks):
+        raise VlaStackError(f"episode {index} of {store.path}: subtasks {meta.subtasks} do not match the scene "
+                            f"regenerated from seed {meta.seed}")
+    arrays = store.episode_arrays(index)
+    if f"images.{CAMERA}" not in arrays or "subtask_index" not in arrays:
+        raise VlaStackError(f"{store.path} lacks images.{CAMERA} or subtask_index")
+    mem = TaskMemory(task, robot)
+    done = _completed(store, index, arrays["subtask_index"][...], mem.n)
+    images = arrays[f"images.{CAMERA}"]
+    goal = meta.instruction
+    samples: list[Sample] = []
+
+    drop_step = meta.extra.get("drop_step")
+
+    def add(t: int, memory_in: str, k: int, stale: bool, kind: str) -> None:
+        samples.append(Sample(np.asarray(images[t]), goal, memory_in, mem.subtask(k), mem.label(k), stale, index, kind,
+                              after_failure=drop_step is not None and t >= drop_step))
+
+    starts = [0] + [t for t in range(1, len(done)) if done[t] > done[t - 1]]
+    for start in starts:
+        k = int(done[start])
+        stop = next((t for t in range(start + 1, len(done)) if done[t] != k), len(done))
+        previous = EMPTY if start == 0 else mem.label(int(done[start - 1]))
+        for t in range(start, min(stop, start + boundary_frames)):
+            add(t, previous, k, True, "boundary")
+        if stop - start > 1:
+            for t in rng.choice(np.arange(start, stop), size=min(steady_per_subtask, stop - start), replace=False):
+                add(int(t), mem.label(k), k, False, "steady")
+    if task.family == "sort":
+        for t in rng.choice(len(done), size=min(reset_samples, len(done)), replace=False):
+            add(int(t), EMPTY, int(done[t]), True, "reset")
+    return samples
+
+
+def build_samples(stores: list[Path], seed: int = 0, max_episodes: int | None = None, progress: bool = True,
+                  **kwargs) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    samples: list[Sample] = []
+    for path in stores:
+        store = EpisodeStore.open(path)
+        indices = store.episode_indices()[:max_episodes]
+        if not indices:
+            raise VlaStackError(f"{path} holds no episodes")
+        for index in tqdm(indices, desc=f"samples {Path(path).name}", disable=not progress, unit="ep"):
+            samples.extend(episode_samples(store, index, rng, **kwargs))
+    return samples

@@ -1,0 +1,313 @@
+"""The hierarchical policy: the high-level model writes (subtask, memory) at subtask boundaries, the low-level
+policy runs the subtask text as its instruction.
+
+Control loop per step:
+- step 0 (memory empty) -> high-level call;
+- every `check_every` steps -> completion head only (encoder, no decoding): "the memory is stale" -> call;
+- no call for `replan_steps` steps -> call anyway (a stalled or failed subtask gets re-planned);
+- `memory=off` (the ablation) feeds the empty memory to the model and calls it every `check_every` steps, since
+  without memory there is nothing to be stale against.
+A call decodes (subtask, memory). A memory string that is not well formed for the scene is logged and reset to
+the empty memory; an invalid subtask keeps the previous one. The low level gets the subtask text through its
+`instruction` attribute (VlaPolicy uses it instead of obs["instruction"]).
+
+Scoring (privileged, for evaluation only): at every call the prediction is compared with the environment's
+current subtask and the programmatic memory label of the subtasks done so far.
+
+With the scripted expert as the low level, the expert is replaced by `SubtaskExpert`, which executes only the
+subtask it is given (privileged object poses, as the expert always has): the upper bound of the hierarchy with a
+perfect executor. Which low level ran is reported in `summary()["low_level"]`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vla_stack.errors import VlaStackError
+from vla_stack.planners.mem.memory import DONE, EMPTY, InvalidMemoryError, TaskMemory
+from vla_stack.planners.mem.model import HighLevelModel, load_model, prepare_images
+from vla_stack.policy.scripted import ScriptedExpert
+from vla_stack.sim.robots import RobotSpec
+from vla_stack.sim.tasks import TaskInstance
+
+log = logging.getLogger("vla_stack.planners.mem")
+
+
+class SubtaskExpert(ScriptedExpert):
+    """Scripted executor of one subtask at a time, chosen by the text in `instruction` ('done' holds still)."""
+
+    name = "expert-subtask"
+    accepts_done = True
+
+    def reset(self, seed: int | None = None) -> None:
+        super().reset(seed)
+        self.instruction: str | None = None
+        self._running: str | None = None
+        self.unknown_subtasks = 0
+
+    def select_action(self, observation: dict | None = None) -> np.ndarray:
+        if self.instruction != self._running or self._script is None:
+            self._running = self.instruction
+            self._script = self._run_subtask(self.instruction)
+        return next(self._script)
+
+    def _run_subtask(self, text: str | None):
+        goal = next((s.goal for s in self.env.task.subtasks if s.text == text), None)
+        if goal is None and text not in (None, DONE):
+            self.unknown_subtasks += 1
+        if goal is not None:
+            for _ in range(self.max_attempts):
+                if not self._holding(goal.cube) and not (yield from self._pick(goal.cube)):
+                    break
+                if goal.kind == "lift":
+                    break
+                centre, yaw = self._place_target(goal)
+                yield from self._place(goal.cube, centre, yaw)
+                if self.sim.goal_reached(goal):
+                    break
+        while True:
+            yield self._action()
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 2) if values else None
+
+
+class MemPlanner:
+    """Wraps a low-level policy (or, with policy=None and env=None, runs the high level alone, as the ROS
+    planner node does: `set_scene`, then `update(image, goal)` each control step)."""
+
+    def __init__(self, policy, env, model: HighLevelModel, use_memory: bool = True, check_every: int = 5,
+                 replan_steps: int = 100, threshold: float = 0.5, low_level: str | None = None):
+        if check_every < 1 or replan_steps < 1:
+            raise VlaStackError("check_every and replan_steps must be at least 1")
+        self.policy, self.env, self.model = policy, env, model
+        self.use_memory, self.check_every, self.replan_steps, self.threshold = use_memory, check_every, replan_steps, threshold
+        self.low_level = low_level or (getattr(policy, "name", type(policy).__name__) if policy is not None else "none")
+        self.name = f"mem({self.low_level})"
+        self.totals: dict[str, float] = {}
+        self.call_ms: list[float] = []
+        self.check_ms: list[float] = []
+        self.boundary_delays: list[int] = []
+        self.episodes = 0
+        self.memory, self.subtask = EMPTY, None
+        self.scene: TaskMemory | None = None
+        self._last_call: int | None = None
+        self._known_done = 0
+        self._pending_boundary: int | None = None
+        self._episode = self._new_episode()
+
+    @staticmethod
+    def _new_episode() -> dict:
+        return {"steps": 0, "calls": 0, "checks": 0, "subtask_correct": 0, "memory_correct": 0, "invalid_memory": 0,
+                "invalid_subtask": 0, "stall_calls": 0, "missed_boundaries": 0, "subtasks": [], "memories": []}
+
+    # -- policy interface ---------------------------------------------------------------------------------
+    def reset(self, seed: int | None = None) -> None:
+        if self.policy is not None:
+            self.policy.reset(seed)
+        self.set_scene(getattr(self.env, "task", None), getattr(self.env, "robot", None))
+
+    def select_action(self, obs: dict) -> np.ndarray:
+        goal = obs.get("instruction") or (self.env.task.instruction if self.scene else "")
+        self.update(self._front(obs), goal)
+        return self.policy.select_action(obs)
+
+    def set_scene(self, task: TaskInstance | None, robot: RobotSpec | None) -> None:
+        """Start an episode without an environment (the ROS node): memories are then checked against this
+        scene; with None only against the grammar. Forgets the memory."""
+        if self._episode["steps"]:
+            self._finish_episode()
+        self._episode = self._new_episode()
+        self.memory, self.subtask = EMPTY, None
+        self.scene = TaskMemory(task, robot) if task is not None else None
+        self._last_call = None
+        self._known_done = 0
+        self._pending_boundary = None
+
+    def update(self, image: np.ndarray, goal: str) -> bool:
+        """One control step of the high level; True when it was called (subtask and memory were rewritten)."""
+        ep = self._episode
+        step = ep["steps"]
+        self._track_boundaries(step)
+        call = self._last_call is None or step - self._last_call >= self.replan_steps
+        if call and self._last_call is not None:
+            ep["stall_calls"] += 1
+        if not call and step % self.check_every == 0:
+            if self.use_memory:
+                start = time.perf_counter()
+                p = float(self.model.completion_probability(prepare_images(image[None], self.model.config.image_size),
+                                                            [goal], [self.memory])[0])
+                self.check_ms.append((time.perf_counter() - start) * 1000)
+                ep["checks"] += 1
+                call = p > self.threshold
+            else:
+                call = True
+        if call:
+            self._call(image, goal, step)
+        ep["steps"] += 1
+        return call
+
+    # -- the high level ------------------------------------------------------------------------------------
+    def _call(self, image: np.ndarray, goal: str, step: int) -> None:
+        ep = self._episode
+        start = time.perf_counter()
+        subtasks, memories, _ = self.model.generate(prepare_images(image[None], self.model.config.image_size), [goal],
+                                                    [self.memory if self.use_memory else EMPTY])
+        self.call_ms.append((time.perf_counter() - start) * 1000)
+        subtask, memory = subtasks[0], memories[0]
+        ep["calls"] += 1
+        self._last_call = step
+        if self._pending_boundary is not None:
+            self.boundary_delays.append(step - self._pending_boundary)
+            self._pending_boundary = None
+        if self.scene is not None and self.env is not None:  # privileged scoring against the env's detector
+            done = min(self.env.subtask_index, self.scene.n)
+            ep["subtask_correct"] += subtask == self.scene.subtask(done)
+            ep["memory_correct"] += memory == self.scene.label(done)
+        self.set_memory(memory)
+        try:
+            subtask = self.scene.check_subtask(subtask) if self.scene else _subtask_grammar_checked(subtask)
+        except InvalidMemoryError as exc:
+            ep["invalid_subtask"] += 1
+            log.warning("high level wrote an invalid subtask, keeping the previous one: %s", exc)
+            subtask = self.subtask or goal
+        self.subtask = subtask
+        ep["subtasks"].append(subtask)
+        ep["memories"].append(self.memory)
+        if self.policy is not None and (subtask != DONE or getattr(self.policy, "accepts_done", False)):
+            self.policy.instruction = subtask
+
+    def set_memory(self, text: object) -> str:
+        """Adopt `text` as the memory if it is well formed for the scene; otherwise log it and reset to empty."""
+        try:
+            self.memory = self.scene.check_memory(text) if self.scene else _grammar_checked(text)
+        except InvalidMemoryError as exc:
+            self._episode["invalid_memory"] += 1
+            log.warning("memory reset: %s", exc)
+            self.memory = EMPTY
+        return self.memory
+
+    def reset_memory(self) -> None:
+        self.memory = EMPTY
+        self._last_call = None  # the next step re-plans from the image
+
+    def _front(self, obs: dict) -> np.ndarray:
+        images = obs.get("images") or {}
+        if "front" in images:
+            return np.asarray(images["front"], np.uint8)
+        if self.env is not None and hasattr(self.env, "sim"):
+            return self.env.sim.render("front")  # the scripted expert's env renders nothing by itself
+        raise VlaStackError("the MEM planner needs obs['images']['front']")
+
+    def _track_boundaries(self, step: int) -> None:
+        if self.scene is None or self.env is None:
+            return
+        done = self.env.subtask_index
+        if done > self._known_done:
+            if self._pending_boundary is not None:
+                self._episode["missed_boundaries"] += 1
+            self._known_done, self._pending_boundary = done, step
+
+    # -- metrics -------------------------------------------------------------------------------------------
+    def _finish_episode(self) -> None:
+        ep = self._episode
+        self.episodes += 1
+        for key in ("steps", "calls", "checks", "subtask_correct", "memory_correct", "invalid_memory",
+                    "invalid_subtask", "stall_calls", "missed_boundaries"):
+            self.totals[key] = self.totals.get(key, 0) + ep[key]
+
+    def episode_metrics(self) -> dict:
+        ep = self._episode
+        calls = max(1, ep["calls"])
+        return {
+            "high_level_calls": ep["calls"], "completion_checks": ep["checks"], "stall_calls": ep["stall_calls"],
+            "subtask_accuracy": round(ep["subtask_correct"] / calls, 4),
+            "memory_exact_match": round(ep["memory_correct"] / calls, 4),
+            "invalid_memory": ep["invalid_memory"], "invalid_subtask": ep["invalid_subtask"],
+            "final_memory": self.memory, "subtasks": ep["subtasks"],
+        }
+
+    def latency_p50(self) -> float | None:
+        """Median high-level call latency (ms) over the last 200 calls."""
+        return _percentile(self.call_ms[-200:], 50)
+
+    def summary(self) -> dict:
+        if self._episode["steps"]:
+            self._finish_episode()
+            self._episode = self._new_episode()
+        t = self.totals
+        calls = max(1, t.get("calls", 0))
+        return {
+            "low_level": self.low_level, "use_memory": self.use_memory, "episodes": self.episodes,
+            "check_every": self.check_every, "replan_steps": self.replan_steps,
+            "high_level_calls": int(t.get("calls", 0)), "completion_checks": int(t.get("checks", 0)),
+            "stall_calls": int(t.get("stall_calls", 0)), "steps": int(t.get("steps", 0)),
+            "calls_per_episode": round(t.get("calls", 0) / max(1, self.episodes), 2),
+            "steps_per_call": round(t.get("steps", 0) / calls, 1),
+            "subtask_accuracy": round(t.get("subtask_correct", 0) / calls, 4),
+            "memory_exact_match": round(t.get("memory_correct", 0) / calls, 4),
+            "invalid_memory": int(t.get("invalid_memory", 0)), "invalid_subtask": int(t.get("invalid_subtask", 0)),
+            "high_level_ms_p50": _percentile(self.call_ms, 50), "high_level_ms_p90": _percentile(self.call_ms, 90),
+            "completion_check_ms_p50": _percentile(self.check_ms, 50),
+            "boundary_detection_delay_steps_p50": _percentile(self.boundary_delays, 50),
+            "boundaries_detected": len(self.boundary_delays), "missed_boundaries": int(t.get("missed_boundaries", 0)),
+        }
+
+
+def _grammar_checked(text: object) -> str:
+    from vla_stack.planners.mem.memory import is_memory_text
+
+    if not is_memory_text(text):
+        raise InvalidMemoryError(f"not a memory string: {text!r}")
+    return text
+
+
+def _subtask_grammar_checked(text: str) -> str:
+    from vla_stack.planners.mem.memory import is_subtask_text
+
+    if not is_subtask_text(text):
+        raise InvalidMemoryError(f"not a subtask: {text!r}")
+    return text
+
+
+def default_checkpoint() -> Path:
+    from vla_stack.paths import share_dir
+
+    return share_dir("policies") / "mem_tiny"
+
+
+def _flag(value, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("on", "true", "1", "yes"):
+        return True
+    if text in ("off", "false", "0", "no"):
+        return False
+    raise VlaStackError(f"planner option {name} must be on or off, got {value!r}")
+
+
+def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_every=5, replan_steps=100,
+                threshold=0.5, **unknown) -> MemPlanner:
+    """The `--planner mem` entry point (see vla_stack.planners.wrap_policy). Options arrive as strings from the
+    command line: memory=on|off, check_every=N, replan_steps=N, threshold=P."""
+    if unknown:
+        raise VlaStackError(f"unknown mem planner option(s) {sorted(unknown)} "
+                            "(known: memory, check_every, replan_steps, threshold)")
+    try:
+        check_every, replan_steps, threshold = int(check_every), int(replan_steps), float(threshold)
+    except ValueError as exc:
+        raise VlaStackError(f"bad mem planner option: {exc}") from None
+    model = load_model(Path(checkpoint) if checkpoint else default_checkpoint())
+    use_memory = _flag(memory, "memory") and bool(model.checkpoint_meta.get("use_memory", True))
+    low_level = None
+    if type(policy) is ScriptedExpert:
+        policy = SubtaskExpert(env)
+        low_level = "scripted-subtask-executor (privileged object poses)"
+    return MemPlanner(policy, env, model, use_memory=use_memory, check_every=check_every,
+                      replan_steps=replan_steps, threshold=threshold, low_level=low_level)
