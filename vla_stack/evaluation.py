@@ -95,7 +95,7 @@ def run_episode(env: TabletopEnv, policy, seed: int, record_video: bool = False)
 def evaluate(policy_name: str, task: str, robot: str, episodes: int, seed_start: int = HELDOUT_SEED_START,
              video_dir: Path | None = None, videos: int = 1, instruction: str | None = None,
              image_size: int = 128, progress: bool = True, planner: str = "none",
-             planner_checkpoint: Path | None = None) -> dict:
+             planner_checkpoint: Path | None = None, planner_options: dict | None = None) -> dict:
     if episodes < 1:
         raise VlaStackError("--episodes must be at least 1")
     # The scripted expert reads the simulator state: it renders only the frames of recorded videos.
@@ -104,7 +104,8 @@ def evaluate(policy_name: str, task: str, robot: str, episodes: int, seed_start:
     try:
         from vla_stack.planners import wrap_policy
 
-        policy = wrap_policy(planner, load_policy(policy_name, env), env, checkpoint=planner_checkpoint)
+        policy = wrap_policy(planner, load_policy(policy_name, env), env, checkpoint=planner_checkpoint,
+                             **(planner_options or {}))
         results, video_paths = [], []
         start = time.perf_counter()
         bar = tqdm(range(episodes), desc=f"eval {policy_name} {task}/{robot}", disable=not progress, unit="ep")
@@ -123,6 +124,7 @@ def evaluate(policy_name: str, task: str, robot: str, episodes: int, seed_start:
     return {
         "policy": policy_name,
         "planner": planner,
+        "planner_options": planner_options or {},
         "planner_summary": policy.summary() if hasattr(policy, "summary") else None,
         "task": task,
         "robot": robot,
