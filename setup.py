@@ -44,6 +44,7 @@ setup(
             "teleop_node = vla_stack.ros.teleop_node:main",
             "recorder_node = vla_stack.ros.recorder_node:main",
             "safety_node = vla_stack.ros.safety_node:main",
+            "planner_node = vla_stack.ros.planner_node:main",
         ],
     },
 )

@@ -5,10 +5,16 @@
 
 instruction_topic:=task/subtask is the planner mode: the policy follows the subtask sequence (published by the
 sim's subtask tracker, or by a planner node remapped onto that topic) instead of the whole instruction.
+
+    ros2 launch vla_stack sim_eval.launch.py task:=sort policy:=/path/to/checkpoint planner:=mem
+
+planner:=mem starts planner_node (the MEM high level: subtask + memory text on planner/subtask, planner/memory,
+memory reset by the planner_node/reset_memory service) and points the policy at planner/subtask.
 """
 
 from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
-from launch.substitutions import EnvironmentVariable, LaunchConfiguration, PathJoinSubstitution
+from launch.conditions import IfCondition
+from launch.substitutions import EnvironmentVariable, LaunchConfiguration, PathJoinSubstitution, PythonExpression
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
@@ -23,6 +29,9 @@ def generate_launch_description() -> LaunchDescription:
     common = {"robot": arg("robot"), "use_sim_time": arg("use_sim_time")}
     controller = {"controller": arg("controller")}
     cameras = [("front/image_raw", arg("front_camera_topic")), ("wrist/image_raw", arg("wrist_camera_topic"))]
+    with_planner = PythonExpression(["'", arg("planner"), "' == 'mem'"])
+    instruction = PythonExpression(["'planner/subtask' if '", arg("planner"), "' == 'mem' else '",
+                                    arg("instruction_topic"), "'"])
     return LaunchDescription([
         DeclareLaunchArgument("robot", default_value="panda", description="panda or so101"),
         DeclareLaunchArgument("task", default_value="pick", description="pick, place, stack, sort or restore"),
@@ -33,6 +42,12 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("wrist_camera_topic", default_value="wrist/image_raw"),
         DeclareLaunchArgument("instruction_topic", default_value="task/instruction",
                               description="task/subtask to follow the subtask sequence (planner mode)"),
+        DeclareLaunchArgument("planner", default_value="none",
+                              description="none, or mem: the hierarchical MEM planner_node feeds the policy subtasks"),
+        DeclareLaunchArgument("planner_checkpoint", default_value="",
+                              description="MEM high-level checkpoint ('' = the shipped mem_tiny)"),
+        DeclareLaunchArgument("planner_memory", default_value="true",
+                              description="false runs the no-memory ablation"),
         DeclareLaunchArgument("use_sim_time", default_value="false",
                               description="Stamp with sim time and publish /clock"),
         DeclareLaunchArgument("domain_id", default_value=EnvironmentVariable("ROS_DOMAIN_ID", default_value="0")),
@@ -43,5 +58,9 @@ def generate_launch_description() -> LaunchDescription:
              remappings=cameras),
         Node(package="vla_stack", executable="policy_node", name="policy_node", output="screen",
              parameters=[config, common, controller, {"policy": arg("policy"), "autostart": True}],
-             remappings=[*cameras, ("task/instruction", arg("instruction_topic"))]),
+             remappings=[*cameras, ("task/instruction", instruction)]),
+        Node(package="vla_stack", executable="planner_node", name="planner_node", output="screen",
+             parameters=[{"use_sim_time": arg("use_sim_time"), "checkpoint": arg("planner_checkpoint"),
+                          "memory": arg("planner_memory")}],
+             remappings=cameras[:1], condition=IfCondition(with_planner)),
     ])

@@ -192,12 +192,16 @@ def episode_samples(store: EpisodeStore, index: int, rng: np.random.Generator, b
 
 
 def build_samples(stores: list[Path], seed: int = 0, max_episodes: int | None = None, progress: bool = True,
-                  **kwargs) -> list[Sample]:
+                  last: int | None = None, skip_last: int = 0, **kwargs) -> list[Sample]:
+    """Samples of every store's episodes; `skip_last`/`last` hold out or take only each store's last episodes
+    (a held-out split by scene seed)."""
     rng = np.random.default_rng(seed)
     samples: list[Sample] = []
     for path in stores:
         store = EpisodeStore.open(path)
-        indices = store.episode_indices()[:max_episodes]
+        indices = store.episode_indices()
+        indices = indices[-last:] if last else indices[:len(indices) - skip_last]
+        indices = indices[:max_episodes]
         if not indices:
             raise VlaStackError(f"{path} holds no episodes")
         for index in tqdm(indices, desc=f"samples {Path(path).name}", disable=not progress, unit="ep"):

@@ -87,6 +87,7 @@ class MemPlanner:
             raise VlaStackError("check_every and replan_steps must be at least 1")
         self.policy, self.env, self.model = policy, env, model
         self.use_memory, self.check_every, self.replan_steps, self.threshold = use_memory, check_every, replan_steps, threshold
+        self.warn = log.warning  # where rejected memories and subtasks are reported (the ROS node: its logger)
         self.low_level = low_level or (getattr(policy, "name", type(policy).__name__) if policy is not None else "none")
         self.name = f"mem({self.low_level})"
         self.totals: dict[str, float] = {}
@@ -174,7 +175,7 @@ class MemPlanner:
             subtask = self.scene.check_subtask(subtask) if self.scene else _subtask_grammar_checked(subtask)
         except InvalidMemoryError as exc:
             ep["invalid_subtask"] += 1
-            log.warning("high level wrote an invalid subtask, keeping the previous one: %s", exc)
+            self.warn(f"high level wrote an invalid subtask, keeping the previous one: {exc}")
             subtask = self.subtask or goal
         self.subtask = subtask
         ep["subtasks"].append(subtask)
@@ -188,7 +189,7 @@ class MemPlanner:
             self.memory = self.scene.check_memory(text) if self.scene else _grammar_checked(text)
         except InvalidMemoryError as exc:
             self._episode["invalid_memory"] += 1
-            log.warning("memory reset: %s", exc)
+            self.warn(f"memory reset: {exc}")
             self.memory = EMPTY
         return self.memory
 

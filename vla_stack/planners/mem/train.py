@@ -30,8 +30,8 @@ from vla_stack.planners.mem.model import HighLevelModel, MemConfig, MiniLMText, 
 TRAIN_DEFAULTS = {"output_dir": None, "export_dir": None, "steps": 3000, "batch_size": 64, "lr": 1e-3,
                   "warmup_steps": 100, "weight_decay": 1e-4, "grad_clip": 1.0, "image_shift": 4, "use_memory": True,
                   "seed": 0, "max_minutes": 30.0, "eval_every": 0, "completion_weight": 0.5}
-DATA_DEFAULTS = {"train": [], "heldout": [], "boundary_frames": 4, "steady_per_subtask": 4, "reset_samples": 2,
-                 "max_episodes": None}
+DATA_DEFAULTS = {"train": [], "heldout": [], "heldout_last": 0, "boundary_frames": 4, "steady_per_subtask": 4,
+                 "reset_samples": 2, "max_episodes": None}
 
 
 def load_config(path: Path) -> dict:
@@ -121,19 +121,24 @@ def train(config_path: Path, progress: bool = True) -> dict:
     text = MiniLMText()
     model = HighLevelModel(MemConfig.from_dict(dict(config["model"])), text=text)
     sample_kwargs = {k: dcfg[k] for k in ("boundary_frames", "steady_per_subtask", "reset_samples")}
-    train_set = SampleSet(build_samples([Path(p) for p in dcfg["train"]], seed=tcfg["seed"],
-                                        max_episodes=dcfg["max_episodes"], progress=progress, **sample_kwargs),
+    train_stores = [Path(p) for p in dcfg["train"]]
+    train_set = SampleSet(build_samples(train_stores, seed=tcfg["seed"], max_episodes=dcfg["max_episodes"],
+                                        skip_last=dcfg["heldout_last"], progress=progress, **sample_kwargs),
                           model.config.image_size, tcfg["use_memory"])
-    heldout = None
+    heldout_samples = []
+    if dcfg["heldout_last"]:  # each training store's last episodes (other scene seeds)
+        heldout_samples += build_samples(train_stores, seed=tcfg["seed"] + 1, last=dcfg["heldout_last"],
+                                         progress=progress, **sample_kwargs)
     if dcfg["heldout"]:
-        heldout = SampleSet(build_samples([Path(p) for p in dcfg["heldout"]], seed=tcfg["seed"] + 1,
-                                          progress=progress, **sample_kwargs),
-                            model.config.image_size, tcfg["use_memory"])
+        heldout_samples += build_samples([Path(p) for p in dcfg["heldout"]], seed=tcfg["seed"] + 1,
+                                         progress=progress, **sample_kwargs)
+    heldout = SampleSet(heldout_samples, model.config.image_size, tcfg["use_memory"]) if heldout_samples else None
     result = fit(model, train_set, tcfg, rng, heldout=heldout, progress=progress)
     result["train_samples"] = len(train_set)
     result["heldout_samples"] = len(heldout) if heldout else 0
     result["train_stores"] = dcfg["train"]
     result["heldout_stores"] = dcfg["heldout"]
+    result["heldout_last_episodes_per_train_store"] = dcfg["heldout_last"]
     extra = {"use_memory": bool(tcfg["use_memory"]), "train": {k: v for k, v in result.items() if k != "history"}}
     model.save(output_dir, extra=extra)
     (output_dir / "train_result.json").write_text(json.dumps(result, indent=2) + "\n")
