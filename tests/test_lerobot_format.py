@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -54,7 +55,10 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module", params=[False, True], ids=["images", "videos"])
 def exported(request, store, tmp_path_factory):
     root = tmp_path_factory.mktemp("export") / "ds"
+    policy = os.sched_getscheduler(0), os.sched_getparam(0)
     export_lerobot(store, root, "vla_stack/test", use_videos=request.param)
+    # SVT-AV1 run as root makes the calling thread SCHED_FIFO 99 (hangs torch's OpenMP threads later): undone
+    assert (os.sched_getscheduler(0), os.sched_getparam(0)) == policy
     imported = import_lerobot(root, "vla_stack/test", root.parent / "back.zarr")
     return request.param, root, imported
 

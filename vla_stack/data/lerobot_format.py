@@ -61,6 +61,28 @@ def export_lerobot(store: EpisodeStore, out_root: str | os.PathLike, repo_id: st
     The dataset is built beside `out_root` and renamed into place, so a failed export leaves nothing
     that looks finished. meta/stats.json carries the store's stats for our features (exact moments,
     pooled quantiles) and LeRobot's for its bookkeeping columns."""
+    with keep_scheduling_policy():
+        return _export_lerobot(store, out_root, repo_id, use_videos=use_videos, progress=progress)
+
+
+@contextlib.contextmanager
+def keep_scheduling_policy():
+    """SVT-AV1 (LeRobot's video codec) run as root switches the calling thread to SCHED_FIFO priority 99, and
+    every thread started afterwards inherits it: torch's OpenMP workers then spin-wait at real-time priority
+    and starve each other (a hung process), and spawned ROS nodes hog the CPU. Put the policy back."""
+    if not hasattr(os, "sched_getscheduler"):
+        yield
+        return
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        if (os.sched_getscheduler(0), os.sched_getparam(0)) != (policy, param):
+            os.sched_setscheduler(0, policy, param)
+
+
+def _export_lerobot(store: EpisodeStore, out_root: str | os.PathLike, repo_id: str, *, use_videos: bool,
+                    progress: bool) -> Path:
     out_root = Path(out_root)
     if out_root.exists():
         raise StoreError(f"export target {out_root} already exists")
