@@ -29,12 +29,7 @@ from vla_stack.sim.robots import ROBOTS
 MAX_AGE, CONTROL_PERIOD = 0.2, 0.1
 PANDA = ROBOTS["panda"]
 
-pytestmark = [
-    pytest.mark.timeout(180),  # a wedged graph fails the test instead of hanging the run
-    # In the full suite on a fresh clone the graph's nodes spin at full CPU and the run hangs past the timeout
-    # (passes alone in a warm tree); skipped in CI until fixed, tracked on issue 4.
-    pytest.mark.skipif(__import__("os").environ.get("CI") == "true", reason="hangs inside the full CI suite"),
-]
+pytestmark = pytest.mark.timeout(180)  # a wedged graph fails the test instead of hanging the run
 
 
 class Probe:

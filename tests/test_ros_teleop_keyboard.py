@@ -61,6 +61,3 @@ def test_keyboard_keys_move_the_grasp_site():
     os.close(controller)
     os.close(terminal)
 
-
-pytestmark = pytest.mark.skipif(__import__("os").environ.get("CI") == "true",
-                                reason="multi-process ROS graphs hang inside the full CI suite; tracked on issue 4")
