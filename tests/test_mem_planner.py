@@ -130,6 +130,9 @@ def test_tiny_model_trains_and_decodes_valid_subtasks(perturbed_store, text):
     assert all(is_subtask_text(s) for s in subtasks), subtasks
     assert np.mean([s == t for s, t in zip(subtasks, data.subtasks[:8])]) >= 0.75
     assert p.shape == (8,) and bool(((p >= 0) & (p <= 1)).all())
+    # Incremental decoding with per-layer caches writes exactly what full re-decoding writes.
+    full = model.generate(data.images[:8].float(), data.goals[:8], data.memories_in[:8], use_cache=False)
+    assert (full[0], full[1]) == (subtasks, memories)
 
 
 def test_checkpoint_round_trip_and_corrupt_checkpoints(tmp_path, text):

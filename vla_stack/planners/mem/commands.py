@@ -71,5 +71,63 @@ def score_command(
         json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+@mem_app.command("bench")
+def bench_command(
+    checkpoint: Optional[Path] = typer.Option(None, help="High-level checkpoint (default: the shipped mem_tiny)."),
+    task: str = typer.Option("sort", help="Task family whose scenes are rendered."),
+    iterations: int = typer.Option(50, help="Timed high-level calls (and completion checks)."),
+    threads: int = typer.Option(1, help="torch threads."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result here."),
+) -> None:
+    """High-level latency on this CPU: a full call (encoder + greedy decoding of subtask and memory) and a
+    completion check (encoder only), batch 1, on rendered held-out scenes with their true memories."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from vla_stack.evaluation import HELDOUT_SEED_START
+    from vla_stack.planners.mem.memory import TaskMemory
+    from vla_stack.planners.mem.model import load_model, prepare_images
+    from vla_stack.planners.mem.policy import default_checkpoint
+    from vla_stack.sim.env import TabletopEnv
+
+    torch.set_num_threads(threads)
+    model = load_model(checkpoint or default_checkpoint())
+    env = TabletopEnv(task, "panda", cameras=("front",))
+    inputs = []
+    try:
+        for i in range(5):
+            obs, _ = env.reset(seed=HELDOUT_SEED_START + i)
+            memory = TaskMemory(env.task, env.robot)
+            image = prepare_images(obs["images"]["front"][None], model.config.image_size)
+            inputs += [(image, env.task.instruction, m) for m in ["", memory.label(0), memory.label(1)]]
+    finally:
+        env.close()
+    for image, goal, memory in inputs:  # warm-up, and MiniLM states of these strings get cached
+        model.generate(image, [goal], [memory])
+    calls, checks, tokens = [], [], []
+    for i in range(iterations):
+        image, goal, memory = inputs[i % len(inputs)]
+        start = time.perf_counter()
+        subtask, new_memory, _ = model.generate(image, [goal], [memory])
+        calls.append((time.perf_counter() - start) * 1000)
+        tokens.append(len(model.text.tokenizer(subtask[0], new_memory[0])["input_ids"]))
+        start = time.perf_counter()
+        model.completion_probability(image, [goal], [memory])
+        checks.append((time.perf_counter() - start) * 1000)
+    pct = lambda xs, q: round(float(np.percentile(xs, q)), 2)
+    result = {"checkpoint": str(checkpoint or default_checkpoint()), "threads": threads, "iterations": iterations,
+              "trainable_parameters": model.trainable_parameters(), "call_ms_p50": pct(calls, 50),
+              "call_ms_p90": pct(calls, 90), "completion_check_ms_p50": pct(checks, 50),
+              "completion_check_ms_p90": pct(checks, 90), "decoded_tokens_mean": round(float(np.mean(tokens)), 1),
+              "note": "MiniLM text states are cached per string (goal and memory repeat); a new memory string costs "
+                      "one MiniLM forward more"}
+    print(json.dumps(result, indent=2))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 if __name__ == "__main__":
     mem_app()

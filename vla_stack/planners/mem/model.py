@@ -241,16 +241,37 @@ class HighLevelModel(nn.Module):
         return {"loss": text_loss + completion_weight * completion_loss, "text_loss": text_loss,
                 "completion_loss": completion_loss}
 
+    def _decode_step(self, tokens: torch.Tensor, states: torch.Tensor, pad: torch.Tensor,
+                     cache: list[torch.Tensor]) -> torch.Tensor:
+        """Logits of the next token given all tokens so far, running only the newest token through the layers:
+        each layer's self-attention reads the cached (normed) inputs of the earlier positions. Equal to
+        decode_logits(tokens)[:, -1] in eval mode (no dropout)."""
+        t = tokens.shape[1]
+        x = self.tok_emb(tokens[:, -1:]) + self.tok_pos.weight[t - 1]
+        for i, layer in enumerate(self.decoder.layers):
+            h = layer.norm1(x)
+            cache[i] = h if cache[i] is None else torch.cat([cache[i], h], dim=1)
+            x = x + layer.self_attn(h, cache[i], cache[i], need_weights=False)[0]
+            x = x + layer.multihead_attn(layer.norm2(x), states, states, key_padding_mask=pad, need_weights=False)[0]
+            x = x + layer.linear2(layer.activation(layer.linear1(layer.norm3(x))))
+        return self.lm_head(self.dec_norm(x))[:, -1]
+
     @torch.inference_mode()
-    def generate(self, images: torch.Tensor, goals: list[str], memories: list[str]) -> tuple[list[str], list[str], torch.Tensor]:
-        """Greedy decoding. Returns (subtasks, memories, completion probabilities)."""
+    def generate(self, images: torch.Tensor, goals: list[str], memories: list[str],
+                 use_cache: bool = True) -> tuple[list[str], list[str], torch.Tensor]:
+        """Greedy decoding (incremental, with per-layer caches, unless use_cache=False).
+        Returns (subtasks, memories, completion probabilities)."""
         states, pad = self.encode(images, goals, memories)
         b = images.shape[0]
         tokens = torch.full((b, 1), self.bos, dtype=torch.long)
         seps = torch.zeros(b, dtype=torch.long)
         finished = torch.zeros(b, dtype=torch.bool)
+        cache: list[torch.Tensor | None] = [None] * len(self.decoder.layers)
         for _ in range(self.config.max_target_tokens - 1):
-            nxt = self.decode_logits(tokens, states, pad)[:, -1].argmax(-1)
+            if use_cache and not self.training:
+                nxt = self._decode_step(tokens, states, pad, cache).argmax(-1)
+            else:
+                nxt = self.decode_logits(tokens, states, pad)[:, -1].argmax(-1)
             nxt = torch.where(finished, torch.full_like(nxt, self.pad), nxt)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             seps += (nxt == self.sep).long()
