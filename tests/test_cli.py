@@ -8,6 +8,7 @@ import typer.main
 from typer.testing import CliRunner
 
 from vla_stack.cli import app
+from vla_stack.errors import VlaStackError
 from vla_stack.sim.robots import ROBOTS
 from vla_stack.sim.tasks import FAMILIES
 
@@ -46,7 +47,7 @@ def _cli(*args, **kwargs):
 @pytest.mark.parametrize("args, message", [
     (["eval", "--policy", "expert", "--task", "juggle", "--robot", "panda"], "unknown task 'juggle'"),
     (["collect", "--task", "pick", "--robot", "ur5", "--episodes", "1"], "unknown robot 'ur5'"),
-    (["eval", "--policy", "/nonexistent/ckpt", "--task", "pick", "--robot", "panda"], "neither 'expert' nor"),
+    (["eval", "--policy", "/nonexistent/ckpt", "--task", "pick", "--robot", "panda"], "neither 'expert'"),
 ])
 def test_bad_names_give_one_line_errors(args, message):
     result = _cli(*args)
@@ -84,3 +85,12 @@ def test_eval_writes_json_with_wilson_interval(tmp_path):
     assert 0.0 <= data["wilson_95"][0] <= data["success_rate"] <= data["wilson_95"][1] <= 1.0
     assert {"seed", "success", "steps"} <= set(data["per_episode"][0])
     assert all(e["seed"] >= 1_000_000 for e in data["per_episode"])  # held-out seeds
+
+
+def test_shipped_policies_resolve_by_name(tmp_path):
+    from vla_stack.paths import resolve_checkpoint, share_dir
+
+    assert resolve_checkpoint("vla_tiny") == share_dir("policies") / "vla_tiny"
+    assert resolve_checkpoint(tmp_path) == tmp_path
+    with pytest.raises(VlaStackError, match="shipped policy name"):
+        resolve_checkpoint("no_such_policy")

@@ -29,15 +29,15 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 
 def load_policy(name: str, env: TabletopEnv):
-    """'expert' is the scripted expert; anything else must be a trained checkpoint directory."""
+    """'expert' is the scripted expert; anything else a checkpoint directory or a shipped policy's name."""
     if name == "expert":
         from vla_stack.policy.scripted import ScriptedExpert
 
         return ScriptedExpert(env)
-    path = Path(name)
-    if not path.exists():
-        raise VlaStackError(f"policy '{name}' is neither 'expert' nor an existing checkpoint directory")
+    from vla_stack.paths import resolve_checkpoint
     from vla_stack.policy.vla.runner import load_vla_policy
+
+    path = resolve_checkpoint(name)
 
     # The runner validates every observation (NaN/inf state or images raise InvalidObservationError) before
     # it reaches the model.

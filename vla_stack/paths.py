@@ -36,3 +36,15 @@ def share_dir(name: str) -> Path:
         if candidate.is_dir():
             return candidate
     raise VlaStackError(f"cannot find the shipped '{name}/' folder (looked in {', '.join(map(str, candidates))})")
+
+
+def resolve_checkpoint(name: str | os.PathLike) -> Path:
+    """A checkpoint directory given as a path, or by the name of a shipped one (`vla_tiny` -> policies/vla_tiny)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if path.name == str(name):  # a bare name: look among the shipped policies
+        shipped = share_dir("policies") / path.name
+        if shipped.is_dir():
+            return shipped
+    raise VlaStackError(f"policy '{name}' is neither 'expert', a checkpoint directory nor a shipped policy name")

@@ -268,7 +268,7 @@ def bench_ros(
     duration: float = typer.Option(300.0, help="Measuring time in seconds."),
     robot: str = typer.Option("panda", help="Robot."),
     task: str = typer.Option("pick", help="Task family."),
-    policy: str = typer.Option("expert", help="'expert' or a checkpoint path."),
+    policy: str = typer.Option("vla_tiny", help="'expert', a checkpoint path or a shipped policy name."),
     image_size: int = typer.Option(64, help="Camera image size."),
     camera_rate: float = typer.Option(10.0, help="Camera rate in Hz (the policy runs on each image)."),
     control_rate: float = typer.Option(50.0, help="Sim controller rate in Hz."),

@@ -133,6 +133,6 @@ def load_source(policy: str, robot: RobotSpec, control_hz: float, planner: str =
         if planner != "none":
             raise VlaStackError(f"planner '{planner}' needs a checkpoint policy, not the scripted expert")
         return ExpertSource(robot, control_hz)
-    if not Path(policy).exists():
-        raise VlaStackError(f"policy '{policy}' is neither 'expert' nor an existing checkpoint path")
-    return CheckpointSource(policy, robot, planner, planner_options)
+    from vla_stack.paths import resolve_checkpoint
+
+    return CheckpointSource(str(resolve_checkpoint(policy)), robot, planner, planner_options)
