@@ -79,9 +79,11 @@ def bench_planner_command(
     for col in ("metric", "p50", "p99 / max"):
         table.add_column(col, justify="right")
     table.add_row("search ms", str(d["search_ms_p50"]), f"{d['search_ms_p99']} / {d['search_ms_max']}")
+    table.add_row("search CPU ms (this process)", str(d["search_cpu_ms_p50"]), "")
     table.add_row("decision ms (VLA K-sample + encode + search)", str(d["decision_ms_p50"]), str(d["decision_ms_p99"]))
     table.add_row("VLA K-chunk proposal ms", str(d["proposal_ms_p50"]), str(d["proposal_ms_p99"]))
     table.add_row("latent rollouts / decision", str(d["rollouts_p50"]), f"min {d['rollouts_min']} / max {d['rollouts_max']}")
     table.add_row("decisions with >= 1000 rollouts", f"{d['decisions_with_1000_rollouts']}/{d['count']}", "")
     Console().print(table)
+    print(f"1-min load average {r['machine']['load_average_1min']} on {r['machine']['cores']} cores")
     _write(r, json_out)

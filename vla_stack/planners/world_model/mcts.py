@@ -36,9 +36,12 @@ class SearchConfig:
     discount: float = 0.9  # per chunk
     pw_k: float = 3.0
     pw_alpha: float = 0.5
-    children: int = 8  # candidates drawn per non-root node
+    children: int = 16  # candidates drawn per non-root node (widened progressively)
     max_depth: int = 8  # chunks below the root (8 x 0.8 s: most of a pick episode)
     seed: int = 0
+
+
+_PENDING = object()  # marks a child whose expansion is in the current round's batch
 
 
 class _Node:
@@ -115,22 +118,23 @@ def search(root_latent: np.ndarray, root_chunks: np.ndarray, dynamics, evaluate,
     stats = {"simulations": 0, "rollouts": 0, "model_rounds": 0, "nodes": 1, "max_depth": 0, "stopped_by": None}
     last_round = 0.0
 
-    def allowed(node: _Node) -> int:
-        return min(len(node.cands), max(1, math.ceil(cfg.pw_k * node.visits ** cfg.pw_alpha)))
+    pw_k, pw_alpha, c_puct = cfg.pw_k, cfg.pw_alpha, cfg.c_puct
 
-    def select_child(node: _Node, pending: set) -> int | None:
-        m = allowed(node)
+    def select_child(node: _Node) -> int | None:
+        """PUCT over the widened children; a child being expanded in this round (_PENDING) is skipped."""
+        m = min(len(node.child), max(1, math.ceil(pw_k * node.visits ** pw_alpha)))
         prior = node.prior_over(m)
-        n, w = node.n, node.w
+        n, w, child = node.n, node.w, node.child
         fpu = node.value_sum / node.visits if node.visits else node.value
         lo, span = minmax.lo, minmax.hi - minmax.lo
-        explore = cfg.c_puct * math.sqrt(node.visits + 1)
+        inv = 1.0 / span if span > 0 else 0.0
+        explore = c_puct * math.sqrt(node.visits + 1)
         best, best_i = -math.inf, None
         for i in range(m):
-            if node.child[i] is None and (id(node), i) in pending:
+            if child[i] is _PENDING:
                 continue
-            q = w[i] / n[i] if n[i] else fpu
-            score = ((q - lo) / span if span > 0 else 0.0) + explore * prior[i] / (1 + n[i])
+            ni = n[i]
+            score = ((w[i] / ni if ni else fpu) - lo) * inv + explore * prior[i] / (1 + ni)
             if score > best:
                 best, best_i = score, i
         return best_i
@@ -144,13 +148,12 @@ def search(root_latent: np.ndarray, root_chunks: np.ndarray, dynamics, evaluate,
             break
         round_start = clock()
         # ---- select up to batch_size distinct leaves (virtual loss: visits count before the backup)
-        pending: set = set()
         leaves: list[tuple[list[tuple[_Node, int]], _Node | None]] = []
         budget = min(cfg.batch_size, cfg.max_simulations - stats["simulations"])
         for _ in range(budget):
-            node, path = root, []
+            node, path, i = root, [], None
             while True:
-                i = select_child(node, pending)
+                i = select_child(node)
                 if i is None:
                     break
                 path.append((node, i))
@@ -158,16 +161,17 @@ def search(root_latent: np.ndarray, root_chunks: np.ndarray, dynamics, evaluate,
                 if nxt is None or nxt.depth >= cfg.max_depth or nxt.cands is None:
                     break
                 node = nxt
-            if not path or (path[-1][0] is not None and i is None):
+            if i is None:  # everything below is being expanded this round
                 break
             parent, i = path[-1]
             leaf = parent.child[i]
             if leaf is None:
-                pending.add((id(parent), i))
+                parent.child[i] = _PENDING
+            vl = minmax.lo if math.isfinite(minmax.lo) else 0.0
             for p, j in path:  # virtual loss
                 p.visits += 1
                 p.n[j] += 1
-                p.w[j] += minmax.lo if math.isfinite(minmax.lo) else 0.0
+                p.w[j] += vl
             leaves.append((path, leaf))
         if not leaves:
             stats["stopped_by"] = "exhausted"
@@ -184,6 +188,7 @@ def search(root_latent: np.ndarray, root_chunks: np.ndarray, dynamics, evaluate,
             stats["rollouts"] += len(new)
             depths = [p[-1][0].depth + 1 for p, _ in new]
             grow = [j for j, d in enumerate(depths) if d < cfg.max_depth]
+            growing = set(grow)
             cands = lp = lb = None
             if grow:
                 cands, lp, lb = propose(nxt[grow], cfg.children, rng)
@@ -191,7 +196,7 @@ def search(root_latent: np.ndarray, root_chunks: np.ndarray, dynamics, evaluate,
             for j, (path, k) in enumerate(new):
                 parent, i = path[-1]
                 node = _Node(nxt[j], vals[j], depths[j])
-                if j in grow:
+                if j in growing:
                     node.set_candidates(np.asarray(cands[g], np.float32), lp[g], lb[g])
                     g += 1
                 parent.child[i] = node
@@ -223,7 +228,7 @@ def search(root_latent: np.ndarray, root_chunks: np.ndarray, dynamics, evaluate,
     stats["elapsed_s"] = clock() - start
     stats["root"] = {"visits": n.astype(int).tolist(),
                      "q": [None if not np.isfinite(v) else round(float(v), 5) for v in q],
-                     "value": [None if c is None else round(c.value, 5) for c in root.child],
+                     "value": [round(c.value, 5) if isinstance(c, _Node) else None for c in root.child],
                      "prior": [round(float(p), 5) for p in sampled_prior(root.logw)],
                      "root_value": round(root.value, 5)}
     return SearchResult(best, root_chunks[best], stats)
