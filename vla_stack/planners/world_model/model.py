@@ -312,10 +312,10 @@ class LatentSearchModel:
     @torch.inference_mode()
     def evaluate(self, latents: np.ndarray) -> np.ndarray:
         z = torch.from_numpy(np.ascontiguousarray(latents, np.float32))
-        g = self.goal.expand(len(z), -1)
-        score = self.model.value(z, g)
+        zg = torch.cat([z, self.goal.expand(len(z), -1)], -1)
+        score = torch.sigmoid(self.model.value_head(zg)[:, 0])
         if self.progress_weight:
-            score = score + self.progress_weight * self.model.progress(z, g)
+            score = score + self.progress_weight * torch.sigmoid(self.model.progress_head(zg)[:, 0])
         return score.numpy()
 
     @torch.inference_mode()
@@ -323,9 +323,12 @@ class LatentSearchModel:
         z = torch.from_numpy(np.ascontiguousarray(latents, np.float32))
         mu, log_std = self.model.prior(z, self.goal.expand(len(z), -1))
         mu, log_std = mu.numpy()[:, None], log_std.numpy()[:, None]  # (B, 1, H, A)
-        eps = rng.standard_normal((len(z), n, *mu.shape[2:])).astype(np.float32)
-        chunks = mu + self.temperature * np.exp(log_std) * eps
-        # log densities up to the shared constant (it cancels in the normalised prior)
-        log_pi = (-0.5 * (self.temperature * eps) ** 2 - log_std).sum((2, 3))
-        log_beta = (-0.5 * eps ** 2 - log_std - math.log(self.temperature)).sum((2, 3))
+        eps = rng.standard_normal((len(z), n, *mu.shape[2:]), dtype=np.float32)
+        chunks = mu + (self.temperature * np.exp(log_std)) * eps
+        # log densities of the drawn chunks up to the constant they share (it cancels in the normalised prior):
+        # pi = N(mu, sigma), beta = N(mu, temperature * sigma), chunk = mu + temperature * sigma * eps
+        sq = np.einsum("bnha,bnha->bn", eps, eps)
+        log_det = log_std.sum((2, 3))
+        log_pi = -0.5 * self.temperature ** 2 * sq - log_det
+        log_beta = -0.5 * sq - log_det - eps[0, 0].size * math.log(self.temperature)
         return chunks, log_pi, log_beta
