@@ -35,7 +35,7 @@ setup(
     python_requires=">=3.10",
     description="Vision-language-action robot stack with MuJoCo tasks, zarr episodes and ROS 2 nodes",
     license="Apache-2.0",
-    tests_require=["pytest"],
+    extras_require={"test": ["pytest"]},  # how colcon test picks pytest (setuptools dropped tests_require)
     entry_points={
         "console_scripts": [
             "vla-stack = vla_stack.cli:main",

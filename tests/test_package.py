@@ -26,7 +26,7 @@ def test_design_card_layout():
 
 
 @pytest.mark.skipif(shutil.which("colcon", path=str(Path(sys.executable).parent)) is None, reason="colcon not installed")
-def test_colcon_build_installs_package(tmp_path):
+def test_colcon_build_and_test(tmp_path):
     colcon = shutil.which("colcon", path=str(Path(sys.executable).parent))
     workspace = tmp_path / "ws"
     (workspace / "src").mkdir(parents=True)
@@ -42,3 +42,10 @@ def test_colcon_build_installs_package(tmp_path):
     assert (install / "share" / "ament_index" / "resource_index" / "packages" / "vla_stack").is_file()
     assert (install / "share" / "vla_stack" / "package.xml").is_file()
     assert (install / "share" / "vla_stack" / "sim" / "scenes" / "tabletop.xml").is_file()
+    # colcon test runs our pytest suite (a light selection here: the suite itself is what `make test` runs)
+    result = subprocess.run([colcon, "test", "--base-paths", "src", "--pytest-args", "-k", "design_card or package_xml"],
+                            cwd=workspace, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = subprocess.run([colcon, "test-result", "--all"], cwd=workspace, capture_output=True, text=True,
+                             timeout=60, env=env).stdout
+    assert "0 errors, 0 failures" in summary and "Summary: 0 tests" not in summary, summary
