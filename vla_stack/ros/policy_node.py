@@ -46,6 +46,9 @@ class PolicyNode(LifecycleNode):
                                                        "policy's training frame period)", True)
         max_age = param(self, "max_input_age", 0.2, "Hold when an image or joint state is older than this (s)", True)
         self.period = 1.0 / param(self, "control_rate", 10.0, "Inference rate in Hz when images keep coming", True)
+        self.inference_threads = param(self, "inference_threads", 1, "torch threads for inference (1 keeps the "
+                                                                      "latency tail short beside a sim or driver on "
+                                                                      "few cores; 0 = torch's default)", True)
         autostart = param(self, "autostart", False, "Configure and activate on start (launch files set it; tests "
                                                     "and lifecycle managers leave it off and drive the transitions)",
                           True)
@@ -81,6 +84,10 @@ class PolicyNode(LifecycleNode):
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self.inference_threads > 0 and self.policy_name != "expert":
+            import torch
+
+            torch.set_num_threads(self.inference_threads)
         try:
             options = {"checkpoint": self.planner_checkpoint}
             if self.planner == "wm":
