@@ -120,4 +120,4 @@ def test_planner_node_publishes_a_subtask_of_the_scene(ros):
         executor.spin_once(timeout_sec=0.05)
     assert subtasks, statuses[-3:]
     assert subtasks[-1] in env.task.subtask_texts
-    assert statuses and statuses[-1]["calls"] >= 1
+    assert spin_until(executor, lambda: statuses and statuses[-1]["calls"] >= 1), statuses[-3:]

@@ -52,6 +52,8 @@ def score_command(
     store: List[Path] = typer.Option(..., help="Held-out episode store(s)."),
     checkpoint: Optional[Path] = typer.Option(None, help="High-level checkpoint (default: the shipped mem_tiny)."),
     memory: bool = typer.Option(True, help="--no-memory feeds the empty memory (the ablation)."),
+    last: Optional[int] = typer.Option(None, help="Score only each store's last N episodes (the held-out split of "
+                                                  "a training store, data.heldout_last)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result here."),
 ) -> None:
     """Teacher-forced held-out scoring: subtask accuracy, memory exact match and completion accuracy per sample
@@ -62,9 +64,9 @@ def score_command(
     from vla_stack.planners.mem.train import SampleSet, score
 
     model = load_model(checkpoint or default_checkpoint())
-    data = SampleSet(build_samples(list(store), seed=1), model.config.image_size, use_memory=memory)
+    data = SampleSet(build_samples(list(store), seed=1, last=last), model.config.image_size, use_memory=memory)
     result = {"checkpoint": str(checkpoint or default_checkpoint()), "stores": [str(s) for s in store],
-              "use_memory": memory, "samples": len(data), "scores": score(model, data)}
+              "last_episodes": last, "use_memory": memory, "samples": len(data), "scores": score(model, data)}
     print(json.dumps(result, indent=2))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)

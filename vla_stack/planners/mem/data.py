@@ -46,6 +46,8 @@ class Sample:
     episode: int
     kind: str  # boundary | steady | reset
     after_failure: bool = False  # an injected drop happened earlier in this episode
+    valid_subtasks: tuple[str, ...] = ()  # every correct next subtask (sort: any unsorted cube)
+    family: str = ""
 
 
 # ------------------------------------------------------------------------------------------- collection
@@ -173,7 +175,8 @@ def episode_samples(store: EpisodeStore, index: int, rng: np.random.Generator, b
 
     def add(t: int, memory_in: str, k: int, stale: bool, kind: str) -> None:
         samples.append(Sample(np.asarray(images[t]), goal, memory_in, mem.subtask(k), mem.label(k), stale, index, kind,
-                              after_failure=drop_step is not None and t >= drop_step))
+                              after_failure=drop_step is not None and t >= drop_step,
+                              valid_subtasks=tuple(mem.valid_next(set(range(k)))), family=task.family))
 
     starts = [0] + [t for t in range(1, len(done)) if done[t] > done[t - 1]]
     for start in starts:

@@ -77,6 +77,22 @@ class TaskMemory:
         done_texts = [s.text for s in self.task.subtasks[:done]]
         return f"{done} of {self.n} steps done" + ("; " + ", ".join(done_texts) if done_texts else "")
 
+    def label_set(self, done: set[int]) -> str:
+        """The memory for an arbitrary set of completed subtask indices (sort cubes can be sorted in any order;
+        for the ordered families the set must be a prefix)."""
+        if self.task.family == "sort":
+            colors = [self.task.cubes[s.goal.cube].color for i, s in enumerate(self.task.subtasks) if i in done]
+            return f"{len(done)} of {self.n} cubes sorted" + \
+                ("; " + ", ".join(f"{c} is in the {c} bin" for c in colors) if colors else "")
+        return self.label(len(done))
+
+    def valid_next(self, done: set[int]) -> list[str]:
+        """Subtasks that are a correct next step: any unsorted cube for sort (the scene does not fix an order),
+        the next one in order otherwise; ['done'] when all are done."""
+        if self.task.family == "sort":
+            return [s.text for i, s in enumerate(self.task.subtasks) if i not in done] or [DONE]
+        return [self.subtask(len(done))]
+
     def subtask(self, done: int) -> str:
         """The subtask to run after `done` completed ones ('done' when all are)."""
         return self.task.subtasks[done].text if done < self.n else DONE
@@ -174,3 +190,12 @@ def is_memory_text(text: object) -> bool:
         rf"the ({color}) cube is back at the ({region})",
         r"\d of \d steps done(?:; .+)?",
     ))
+
+
+def canonical(text: str) -> str:
+    """A memory with the order of its listed outcomes normalised ('2 of 3 cubes sorted; a, b' == '...; b, a'):
+    exact match is judged on this, since which cube is sorted first is not fixed by the scene."""
+    head, sep, items = text.partition("; ")
+    if not sep or not re.fullmatch(r"\d+ of \d+ cubes sorted", head):
+        return text
+    return head + sep + ", ".join(sorted(items.split(", ")))
