@@ -92,3 +92,35 @@ def test_ros_checkpoint_source_with_the_wm_planner(env, wm_checkpoint):
     assert source.name == "vla_tiny+wm"
     with pytest.raises(VlaStackError, match="needs a checkpoint policy"):
         load_source("expert", robot, 10.0, "wm")
+
+
+def test_policy_node_planner_parameter(wm_checkpoint):
+    """One process, no graph: configure loads the checkpoint wrapped by the planner named in the parameters."""
+    import os
+
+    import rclpy
+    from rclpy.context import Context
+    from rclpy.lifecycle import TransitionCallbackReturn
+    from rclpy.parameter import Parameter
+
+    from vla_stack.paths import share_dir
+    from vla_stack.ros.policy_node import PolicyNode
+
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    context = Context()
+    rclpy.init(context=context, domain_id=int(os.environ.get("ROS_DOMAIN_ID", "43")))
+    try:
+        vla = str(share_dir("policies") / "vla_tiny")
+        params = [Parameter("policy", value=vla), Parameter("planner", value="wm"),
+                  Parameter("planner_checkpoint", value=str(wm_checkpoint)), Parameter("planner_deadline", value=0.05)]
+        node = PolicyNode(context=context, parameter_overrides=params)
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        assert node.source.name == "vla_tiny+wm"
+        assert node.source.policy.search_config.deadline_s == 0.05
+        node.destroy_node()
+        bad = PolicyNode(context=context, parameter_overrides=[Parameter("policy", value=vla),
+                                                               Parameter("planner", value="bogus")])
+        assert bad.trigger_configure() == TransitionCallbackReturn.FAILURE
+        bad.destroy_node()
+    finally:
+        rclpy.shutdown(context=context)
