@@ -82,9 +82,11 @@ class MemPlanner:
     planner node does: `set_scene`, then `update(image, goal)` each control step)."""
 
     def __init__(self, policy, env, model: HighLevelModel, use_memory: bool = True, check_every: int = 5,
-                 replan_steps: int = 100, threshold: float = 0.5, low_level: str | None = None):
-        if check_every < 1 or replan_steps < 1:
-            raise VlaStackError("check_every and replan_steps must be at least 1")
+                 replan_steps: int = 100, threshold: float = 0.5, low_level: str | None = None, confirm: int = 1):
+        if check_every < 1 or replan_steps < 1 or confirm < 1:
+            raise VlaStackError("check_every, replan_steps and confirm must be at least 1")
+        self.confirm = confirm
+        self._positives = 0
         self.policy, self.env, self.model = policy, env, model
         self.use_memory, self.check_every, self.replan_steps, self.threshold = use_memory, check_every, replan_steps, threshold
         self.warn = log.warning  # where rejected memories and subtasks are reported (the ROS node: its logger)
@@ -135,6 +137,7 @@ class MemPlanner:
         self._last_call = None
         self._known_done = 0
         self._pending_boundary = None
+        self._positives = 0
 
     def update(self, image: np.ndarray, goal: str) -> bool:
         """One control step of the high level; True when it was called (subtask and memory were rewritten)."""
@@ -151,10 +154,12 @@ class MemPlanner:
                                                             [goal], [self.memory])[0])
                 self.check_ms.append((time.perf_counter() - start) * 1000)
                 ep["checks"] += 1
-                call = p > self.threshold
+                self._positives = self._positives + 1 if p > self.threshold else 0
+                call = self._positives >= self.confirm  # debounce: `confirm` consecutive positive checks
             else:
                 call = True
         if call:
+            self._positives = 0
             self._call(image, goal, step)
         ep["steps"] += 1
         return call
@@ -259,7 +264,8 @@ class MemPlanner:
         calls = max(1, t.get("calls", 0))
         return {
             "low_level": self.low_level, "use_memory": self.use_memory, "episodes": self.episodes,
-            "check_every": self.check_every, "replan_steps": self.replan_steps,
+            "check_every": self.check_every, "replan_steps": self.replan_steps, "confirm": self.confirm,
+            "threshold": self.threshold,
             "high_level_calls": int(t.get("calls", 0)), "completion_checks": int(t.get("checks", 0)),
             "stall_calls": int(t.get("stall_calls", 0)), "steps": int(t.get("steps", 0)),
             "calls_per_episode": round(t.get("calls", 0) / max(1, self.episodes), 2),
@@ -308,14 +314,16 @@ def _flag(value, name: str) -> bool:
 
 
 def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_every=5, replan_steps=100,
-                threshold=0.5, **unknown) -> MemPlanner:
+                threshold=0.5, confirm=1, **unknown) -> MemPlanner:
     """The `--planner mem` entry point (see vla_stack.planners.wrap_policy). Options arrive as strings from the
-    command line: memory=on|off, check_every=N, replan_steps=N, threshold=P."""
+    command line: memory=on|off, check_every=N, replan_steps=N, threshold=P, confirm=N (consecutive positive
+    completion checks before a call)."""
     if unknown:
         raise VlaStackError(f"unknown mem planner option(s) {sorted(unknown)} "
-                            "(known: memory, check_every, replan_steps, threshold)")
+                            "(known: memory, check_every, replan_steps, threshold, confirm)")
     try:
         check_every, replan_steps, threshold = int(check_every), int(replan_steps), float(threshold)
+        confirm = int(confirm)
     except ValueError as exc:
         raise VlaStackError(f"bad mem planner option: {exc}") from None
     model = load_model(Path(checkpoint) if checkpoint else default_checkpoint())
@@ -325,4 +333,4 @@ def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_
         policy = SubtaskExpert(env)
         low_level = "scripted-subtask-executor (privileged object poses)"
     return MemPlanner(policy, env, model, use_memory=use_memory, check_every=check_every,
-                      replan_steps=replan_steps, threshold=threshold, low_level=low_level)
+                      replan_steps=replan_steps, threshold=threshold, low_level=low_level, confirm=confirm)
