@@ -131,3 +131,14 @@ def test_shipped_config_uses_relative_data_paths():
     doc = yaml.safe_load((Path(__file__).parent.parent / "policies" / "vla_tiny.yaml").read_text())
     assert doc["data"] and not any(Path(p).is_absolute() for p in doc["data"])
     assert not Path(doc["train"]["output_dir"]).is_absolute()
+
+
+def test_lr_schedule_follows_whichever_budget_runs_out_first():
+    from vla_stack.policy.vla.train import TrainConfig, lr_factor
+
+    cfg = TrainConfig(steps=1000, warmup_steps=10, max_minutes=10)
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(1000, cfg) == pytest.approx(0.05)
+    assert lr_factor(100, cfg, time_fraction=1.0) == pytest.approx(0.05)  # out of time: already annealed
+    assert lr_factor(100, cfg, time_fraction=0.5) == pytest.approx(0.05 + 0.95 * 0.5)
+    assert lr_factor(505, cfg, time_fraction=0.1) == pytest.approx(0.05 + 0.95 * 0.5)  # steps lead

@@ -114,10 +114,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, cfg: TrainConfig, time_fraction: float = 0.0) -> float:
+    """Linear warmup, then cosine down to 5%. `time_fraction` (elapsed / max_minutes) advances the cosine too,
+    so a run stopped by max_minutes still ends at the low learning rate instead of being cut mid-schedule."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    progress = max((step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps), time_fraction)
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -176,8 +178,13 @@ def train(config_path: str | Path, resume: bool = False, progress: bool = True,
     bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", disable=not progress or rank != 0)
     model.train()
     while step < cfg.steps:
+        time_fraction = (time.perf_counter() - start) / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0
+        if world > 1:  # every rank must use the same learning rate
+            frac = torch.tensor([time_fraction], device=device)
+            dist.all_reduce(frac, op=dist.ReduceOp.MAX)
+            time_fraction = float(frac.item())
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg)
+            group["lr"] = cfg.lr * lr_factor(step, cfg, time_fraction)
         idx = torch.randint(len(data), (cfg.batch_size,), generator=generator)
         batch = {k: (v.to(device) if torch.is_tensor(v) else {n: t.to(device) for n, t in v.items()})
                  for k, v in data.batch(idx, model.backbone, cfg.image_shift, generator).items()}
