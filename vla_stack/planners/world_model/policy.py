@@ -34,12 +34,12 @@ def sample_vla_chunks(vla, obs: dict, k: int, generator: torch.Generator) -> np.
     from vla_stack.policy.vla.modeling_vla import euler_sample
 
     cfg = vla.config
-    batch = vla._batch(obs)  # validates the observation (NaN/inf -> InvalidObservationError)
+    batch = vla.batch(obs)  # validates the observation (NaN/inf -> InvalidObservationError)
     with torch.inference_mode():
         cache = vla.model.encode_prefix(batch).repeat(k)
         noise = torch.randn(k, cfg.chunk_size, cfg.max_action_dim, generator=generator)
         x = euler_sample(lambda x_t, t: vla.model.expert.velocity(cache, x_t, t), noise, vla.num_steps)
-    return np.stack([vla._to_robot(c) for c in x.numpy()])
+    return np.stack([vla.to_robot(c) for c in x.numpy()])
 
 
 class WorldModelPlanner:
@@ -50,7 +50,7 @@ class WorldModelPlanner:
                  temperature: float = 1.5, threads: int | None = None):
         if mode not in MODES:
             raise VlaStackError(f"unknown wm planner mode '{mode}' (known: {', '.join(MODES)})")
-        for attr in ("model", "config", "_batch", "_to_robot", "num_steps"):
+        for attr in ("model", "config", "batch", "to_robot", "num_steps"):
             if not hasattr(vla, attr):
                 raise VlaStackError("the wm planner needs a VLA checkpoint policy (it samples the VLA's "
                                     "flow-matching head); got " + type(vla).__name__)

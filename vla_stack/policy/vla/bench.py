@@ -61,7 +61,7 @@ def bench_policy(checkpoint: str | Path | None = None, robot: str = "panda", ite
         e2e, sampling = [], []
         for i in range(iterations + 5):  # 5 warm-up calls
             start = time.perf_counter()
-            batch = policy._batch(obs)
+            batch = policy.batch(obs)
             mid = time.perf_counter()
             with torch.inference_mode():
                 model.sample_actions(batch, use_kv_cache=use_cache)

@@ -84,22 +84,22 @@ class VlaPolicy:
 
     def predict_action_chunk(self, obs: dict) -> np.ndarray:
         """(chunk_size, action_dim) absolute joint targets + gripper for this observation."""
-        chunk = self._sample(self._batch(obs), None)
-        return self._to_robot(chunk)
+        chunk = self._sample(self.batch(obs), None)
+        return self.to_robot(chunk)
 
     def select_action(self, obs: dict) -> np.ndarray:
         validate_observation(obs, self.config.cameras, self.action_dim)  # every step, even without inference
         if len(self._plan) == 0:  # episode start: nothing to execute while waiting
-            self._adopt(self._sample(self._batch(obs), None), offset=0)
+            self._adopt(self._sample(self.batch(obs), None), offset=0)
         elif self._pending is not None and self._since_request == self.delay:
             self._adopt(self._pending.result(), offset=self.delay)
             self._pending = None
         if self._pending is None and self._since_request >= self.n_action_steps:
-            self._request(self._batch(obs))
+            self._request(self.batch(obs))
         action = self._plan[0]
         self._plan, self._weights = self._plan[1:], self._weights[1:]
         self._since_request += 1
-        return self._to_robot(action[None])[0]
+        return self.to_robot(action[None])[0]
 
     # -- internals -----------------------------------------------------------------------------------------
 
@@ -122,7 +122,9 @@ class VlaPolicy:
         else:
             self._plan, self._weights = new, np.ones(len(new), np.float32)
 
-    def _batch(self, obs: dict) -> dict:
+    def batch(self, obs: dict) -> dict:
+        """Model inputs for one observation, validated first (NaN/inf raise InvalidObservationError). Public for
+        planners that sample several chunks from one prefix (the world-model planner)."""
         cfg = self.config
         validate_observation(obs, cfg.cameras, self.action_dim)
         images = resize_images(np.stack([np.asarray(obs["images"][c], np.uint8) for c in cfg.cameras]), cfg.image_size)
@@ -147,7 +149,8 @@ class VlaPolicy:
                 chunk = self.model.sample_actions(batch, self.num_steps, noise=noise, inpaint=inpaint)
         return chunk[0].numpy()
 
-    def _to_robot(self, actions: np.ndarray) -> np.ndarray:
+    def to_robot(self, actions: np.ndarray) -> np.ndarray:
+        """Normalised, padded actions -> this robot's joint targets and gripper command in [0, 1]."""
         out = self.normalizer.unnormalize(self.robot, "action", actions[:, :self.action_dim])
         out[:, -1] = np.clip(out[:, -1], 0.0, 1.0)  # gripper command
         return out
