@@ -68,16 +68,18 @@ def test_teleop_moves_arm_and_killed_recorder_keeps_finished_episodes(tmp_path):
         start_recording()
         assert wait_until(lambda: twist.get_subscription_count() > 0 and heights)
         start = heights[-1]
-        end = time.monotonic() + 2.0
-        while time.monotonic() < end:  # down at 5 cm/s, like a held key on teleop_twist_keyboard
+        began = time.monotonic()
+        # Down at 5 cm/s, like a held key on teleop_twist_keyboard, until the grasp site is 4 cm lower (~1 s
+        # after teleop reacts; a freshly started graph on a busy host takes longer to react).
+        while start - heights[-1] < 0.04 and time.monotonic() - began < 20.0:
             msg = Twist()
             msg.linear.z = -0.05
             twist.publish(msg)
             time.sleep(0.05)
+        assert start - heights[-1] >= 0.04, (start, heights[-5:])
         time.sleep(0.5)
         stopped = call("recorder_node/stop")
         assert stopped.success, stopped.message
-        assert start - heights[-1] > 0.04, (start, heights[-5:])  # 2 s x 5 cm/s down, less lag on a busy host
 
         start_recording()
         time.sleep(1.0)
@@ -91,8 +93,8 @@ def test_teleop_moves_arm_and_killed_recorder_keeps_finished_episodes(tmp_path):
     with EpisodeStore.open(store) as episodes:
         assert len(episodes) == 1 and episodes.verify() == {}
         meta = episodes.episode_meta(0)
-        # ~2.5 s at 10 fps; frames whose inputs were stale on a busy host are skipped and counted, not faked.
-        assert meta.length >= 5 and meta.length + meta.extra["dropped_frames"] >= 20
+        # >= 1.3 s at 10 fps; frames whose inputs were stale on a busy host are skipped and counted, not faked.
+        assert meta.length >= 5 and meta.length + meta.extra["dropped_frames"] >= 13
         assert meta.instruction and meta.task == "pick"
         data = episodes.read_episode(0)
         assert data["images.front"].shape[1:] == (64, 64, 3) and data["images.front"].std() > 0
