@@ -106,6 +106,10 @@ def run(make_node: Callable[[], Node], threads: int = 4) -> None:
     """Body of every node's main(): spin on a MultiThreadedExecutor until SIGINT/SIGTERM, then stop the node's
     threads before the ROS context goes away. Bad configuration (VlaStackError, a parameter of the wrong type)
     ends in one line on stderr and exit code 2."""
+    # The control, render and inference threads make many short calls into mujoco/torch, each re-taking the
+    # GIL from the executor threads; with Python's default 5 ms switch interval they queue behind them (a 12 ms
+    # VLA chunk took ~150 ms p50 in the graph, ~50 ms with this).
+    sys.setswitchinterval(2e-4)
     # Own signal handling: rclpy's handler would invalidate the context while worker threads still publish.
     rclpy.init(args=sys.argv, signal_handler_options=SignalHandlerOptions.NO)
     signal.signal(signal.SIGINT, _interrupt)
