@@ -165,15 +165,18 @@ class ScriptedExpert:
 
     def _run(self):
         for subtask in self.env.task.subtasks:
-            goal = subtask.goal
-            for _ in range(self.max_attempts):
-                if not self._holding(goal.cube) and not (yield from self._pick(goal.cube)):
-                    break
-                if goal.kind == "lift":
-                    break
-                centre, yaw = self._place_target(goal)
-                yield from self._place(goal.cube, centre, yaw)
-                if self.sim.goal_reached(goal):
-                    break
+            yield from self._achieve(subtask.goal)
         while True:  # done: hold still (pick keeps the cube lifted)
             yield self._action()
+
+    def _achieve(self, goal):
+        """Pick (and place) until the goal holds, re-grasping after a drop, at most max_attempts times."""
+        for _ in range(self.max_attempts):
+            if not self._holding(goal.cube) and not (yield from self._pick(goal.cube)):
+                return
+            if goal.kind == "lift":
+                return
+            centre, yaw = self._place_target(goal)
+            yield from self._place(goal.cube, centre, yaw)
+            if self.sim.goal_reached(goal):
+                return

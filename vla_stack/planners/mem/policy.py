@@ -60,15 +60,7 @@ class SubtaskExpert(ScriptedExpert):
         if goal is None and text not in (None, DONE):
             self.unknown_subtasks += 1
         if goal is not None:
-            for _ in range(self.max_attempts):
-                if not self._holding(goal.cube) and not (yield from self._pick(goal.cube)):
-                    break
-                if goal.kind == "lift":
-                    break
-                centre, yaw = self._place_target(goal)
-                yield from self._place(goal.cube, centre, yaw)
-                if self.sim.goal_reached(goal):
-                    break
+            yield from self._achieve(goal)
         while True:
             yield self._action()
 
