@@ -9,9 +9,10 @@ import torch
 import yaml
 
 from vla_stack.errors import VlaStackError
+from vla_stack.paths import resolve_data_path
 from vla_stack.policy.vla.dataset import AUX_DIM, aux_labels
 from vla_stack.policy.vla.modeling_vla import VlaModel
-from vla_stack.policy.vla.train import load_yaml, resolve_data_path
+from vla_stack.policy.vla.train import load_yaml
 from vla_stack.sim.robots import get_robot
 from vla_stack.sim.tasks import generate
 
@@ -116,7 +117,7 @@ def test_relative_data_paths_resolve_under_the_data_dir(tmp_path, monkeypatch):
     assert train_cfg.output_dir == str(data / "vla" / "runs" / "x") and train_cfg.export_dir == "policies/x"
     monkeypatch.setenv("VLA_STACK_DATA_DIR", str(data))
     assert resolve_data_path("vla/a.zarr") == data / "vla" / "a.zarr"
-    assert resolve_data_path(Path("/abs/a.zarr"), data_dir=tmp_path) == Path("/abs/a.zarr")
+    assert resolve_data_path(Path("/abs/a.zarr"), tmp_path) == Path("/abs/a.zarr")
     doc["data"] = ["vla/missing.zarr"]
     config.write_text(yaml.safe_dump(doc))
     with pytest.raises(VlaStackError, match="not found.*missing.zarr.*--data-dir"):

@@ -26,6 +26,13 @@ def data_dir(override: str | os.PathLike | None = None) -> Path:
     return path
 
 
+def resolve_data_path(path: str | os.PathLike, override: str | os.PathLike | None = None) -> Path:
+    """Absolute (or ~) paths stay as they are; relative ones are relative to the user data dir (see data_dir), so
+    a shipped training config names `vla/pick-panda.zarr` and works on any machine."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else data_dir(override) / path
+
+
 def share_dir(name: str) -> Path:
     """A shipped top-level folder (sim/, launch/, config/, policies/): source checkout first, then the
     install prefix's share/vla_stack (pip or colcon install)."""

@@ -23,6 +23,7 @@ import yaml
 from tqdm import tqdm
 
 from vla_stack.errors import VlaStackError
+from vla_stack.paths import resolve_data_path
 from vla_stack.planners.mem.data import Sample, build_samples
 from vla_stack.planners.mem.memory import EMPTY, canonical
 from vla_stack.planners.mem.model import HighLevelModel, MemConfig, MiniLMText, prepare_images
@@ -122,11 +123,11 @@ def train(config_path: Path, progress: bool = True) -> dict:
     tcfg, dcfg = config["train"], config["data"]
     torch.manual_seed(tcfg["seed"])
     rng = np.random.default_rng(tcfg["seed"])
-    output_dir = Path(tcfg["output_dir"] or Path(config_path).with_suffix(""))
+    output_dir = resolve_data_path(tcfg["output_dir"] or Path("mem/runs") / Path(config_path).stem)
     text = MiniLMText()
     model = HighLevelModel(MemConfig.from_dict(dict(config["model"])), text=text)
     sample_kwargs = {k: dcfg[k] for k in ("boundary_frames", "steady_per_subtask", "reset_samples")}
-    train_stores = [Path(p) for p in dcfg["train"]]
+    train_stores = [resolve_data_path(p) for p in dcfg["train"]]
     train_set = SampleSet(build_samples(train_stores, seed=tcfg["seed"], max_episodes=dcfg["max_episodes"],
                                         skip_last=dcfg["heldout_last"], progress=progress, **sample_kwargs),
                           model.config.image_size, tcfg["use_memory"])
@@ -135,7 +136,7 @@ def train(config_path: Path, progress: bool = True) -> dict:
         heldout_samples += build_samples(train_stores, seed=tcfg["seed"] + 1, last=dcfg["heldout_last"],
                                          progress=progress, **sample_kwargs)
     if dcfg["heldout"]:
-        heldout_samples += build_samples([Path(p) for p in dcfg["heldout"]], seed=tcfg["seed"] + 1,
+        heldout_samples += build_samples([resolve_data_path(p) for p in dcfg["heldout"]], seed=tcfg["seed"] + 1,
                                          progress=progress, **sample_kwargs)
     heldout = SampleSet(heldout_samples, model.config.image_size, tcfg["use_memory"]) if heldout_samples else None
     result = fit(model, train_set, tcfg, rng, heldout=heldout, progress=progress)

@@ -1,7 +1,7 @@
 """Planning value on held-out seeds: VLA alone vs VLA + best-of-K (no search) vs VLA + MCTS, same seeds.
 
     python -m vla_stack.planners.world_model.compare --task pick --robot panda --episodes 30 \\
-        --arms vla,first,best_of_k,mcts --json /work/data/wm/compare.json
+        --arms vla,first,best_of_k,mcts --json $VLA_STACK_DATA_DIR/wm/compare.json
 
 Arms: `vla` = the VLA's own runner (RTC execution, re-planning every n_action_steps); `first` = the first of
 the K VLA samples executed for H steps (the planner's schedule without any choice); `best_of_k` / `mcts` =

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from vla_stack.data.episode_store import EpisodeStore
 from vla_stack.errors import VlaStackError
+from vla_stack.paths import resolve_data_path
 from vla_stack.planners.world_model.model import WmConfig, WorldModel, param_count, save_world_model
 
 VAL_EVERY = 20
@@ -27,7 +28,7 @@ VAL_EVERY = 20
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "/work/data/wm/runs/wm"
+    output_dir: str = "wm/runs/wm"  # relative paths are under the user data dir
     export_dir: str | None = None  # also write the final weights here as fp16 (the shipped checkpoint)
     steps: int = 3000
     batch_size: int = 48
@@ -164,7 +165,9 @@ def load_yaml(path: str | Path) -> tuple[WmConfig, list[str], TrainConfig]:
     if not isinstance(doc, dict) or not {"model", "data", "train"} <= set(doc):
         raise VlaStackError(f"{path} needs the sections model:, data: and train:")
     try:
-        return WmConfig.from_dict(doc["model"]), [str(p) for p in doc["data"]], TrainConfig(**doc["train"])
+        train = TrainConfig(**doc["train"])
+        train.output_dir = str(resolve_data_path(train.output_dir))
+        return WmConfig.from_dict(doc["model"]), [str(resolve_data_path(p)) for p in doc["data"]], train
     except TypeError as exc:
         raise VlaStackError(f"{path}: bad section ({exc})") from None
 

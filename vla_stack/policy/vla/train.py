@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vla_stack.errors import VlaStackError
+from vla_stack.paths import resolve_data_path
 from vla_stack.policy.vla.checkpoint import save_checkpoint
 from vla_stack.policy.vla.configuration_vla import VlaConfig
 from vla_stack.policy.vla.dataset import ChunkDataset, dataset_stats, load_source
@@ -50,18 +51,6 @@ class TrainConfig:
     seed: int = 0
     num_threads: int | None = None  # torch threads per process (default: cores / processes)
     max_minutes: float | None = None  # stop (and save) after this wall time, e.g. on a shared machine
-
-
-def resolve_data_path(path: str | Path, data_dir: str | Path | None = None) -> Path:
-    """Absolute (or ~) paths stay as they are; relative ones are relative to the user data dir (vla_stack.paths:
-    --data-dir, then $VLA_STACK_DATA_DIR, then the platform's user data dir), so a config such as
-    policies/vla_tiny.yaml names `vla/pick-panda.zarr` and works on any machine."""
-    path = Path(path).expanduser()
-    if path.is_absolute():
-        return path
-    from vla_stack.paths import data_dir as user_data_dir
-
-    return user_data_dir(data_dir) / path
 
 
 def load_yaml(path: str | Path, data_dir: str | Path | None = None) -> tuple[VlaConfig, list[str], TrainConfig]:
