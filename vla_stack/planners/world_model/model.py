@@ -31,12 +31,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vla_stack.checkpoint_files import CONFIG, read_header, write_atomic
 from vla_stack.errors import VlaStackError
 from vla_stack.planners.world_model.sigreg import sigreg
 
 FORMAT = 1
 KIND = "vla_stack.world_model"
-CONFIG, WEIGHTS = "config.json", "model.safetensors"
+WEIGHTS = "model.safetensors"
 
 
 class WorldModelCheckpointError(VlaStackError):
@@ -235,35 +236,16 @@ def save_world_model(path: str | Path, model: WorldModel, meta: dict | None = No
     path.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to(dtype if v.is_floating_point() else v.dtype).contiguous()
                for k, v in model.state_dict().items()}
-    tmp = path / f".{WEIGHTS}.tmp"
-    save_file(weights, str(tmp), metadata={"format": str(FORMAT)})
-    tmp.replace(path / WEIGHTS)
-    tmp = path / f".{CONFIG}.tmp"
-    tmp.write_text(json.dumps({"format": FORMAT, "kind": KIND, "config": model.config.to_dict(),
-                               "meta": meta or {}}, indent=1))
-    tmp.replace(path / CONFIG)
+    write_atomic(path / WEIGHTS, lambda p: save_file(weights, str(p), metadata={"format": str(FORMAT)}))
+    doc = {"format": FORMAT, "kind": KIND, "config": model.config.to_dict(), "meta": meta or {}}
+    write_atomic(path / CONFIG, lambda p: p.write_text(json.dumps(doc, indent=1)))
     return path
 
 
 def load_world_model(path: str | Path) -> tuple[WorldModel, dict]:
     """(model in eval mode, fp32; meta). Every problem is a WorldModelCheckpointError naming the file."""
     path = Path(path)
-    if not path.is_dir():
-        raise WorldModelCheckpointError(f"world-model checkpoint {path} is not a directory")
-    try:
-        doc = json.loads((path / CONFIG).read_text())
-    except FileNotFoundError:
-        raise WorldModelCheckpointError(f"{path} is not a world-model checkpoint: no {CONFIG}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WorldModelCheckpointError(f"world-model checkpoint {path / CONFIG} is corrupt: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("kind") != KIND:
-        raise WorldModelCheckpointError(f"{path / CONFIG} is not a vla_stack world-model config")
-    if doc.get("format") != FORMAT:
-        raise WorldModelCheckpointError(f"{path} has format {doc.get('format')!r}; this build reads {FORMAT}")
-    try:
-        cfg = WmConfig.from_dict(doc["config"])
-    except (KeyError, TypeError, VlaStackError) as exc:
-        raise WorldModelCheckpointError(f"{path / CONFIG} has an invalid config: {exc}") from None
+    cfg, meta = read_header(path, KIND, FORMAT, WmConfig.from_dict, WorldModelCheckpointError, "world-model")
     file = path / WEIGHTS
     if not file.is_file():
         raise WorldModelCheckpointError(f"world-model weights {file} are missing")
@@ -281,7 +263,7 @@ def load_world_model(path: str | Path) -> tuple[WorldModel, dict]:
     if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
         raise WorldModelCheckpointError(f"weights in {file} contain NaN or inf")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in weights.items()})
-    return model.eval(), doc.get("meta", {})
+    return model.eval(), meta
 
 
 def param_count(model: nn.Module) -> int:

@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from vla_stack.checkpoint_files import CONFIG, read_header, write_atomic
 from vla_stack.errors import VlaStackError
 from vla_stack.policy.vla.configuration_vla import VlaConfig
 from vla_stack.policy.vla.modeling_vla import VlaModel
@@ -18,7 +19,7 @@ from vla_stack.policy.vla.normalize import Normalizer
 
 FORMAT = 1
 KIND = "vla_stack.vla"
-CONFIG, WEIGHTS, NORM = "config.json", "model.safetensors", "normalization.safetensors"
+WEIGHTS, NORM = "model.safetensors", "normalization.safetensors"
 
 
 class CheckpointError(VlaStackError):
@@ -35,37 +36,15 @@ def save_checkpoint(path: str | Path, model: VlaModel, normalizer: Normalizer,
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
-    _write(path / WEIGHTS, lambda p: save_file(weights, str(p), metadata={"format": str(FORMAT)}))
-    _write(path / NORM, lambda p: save_file({k: v.contiguous() for k, v in normalizer.to_tensors().items()}, str(p)))
+    write_atomic(path / WEIGHTS, lambda p: save_file(weights, str(p), metadata={"format": str(FORMAT)}))
+    write_atomic(path / NORM, lambda p: save_file({k: v.contiguous() for k, v in normalizer.to_tensors().items()}, str(p)))
     doc = {"format": FORMAT, "kind": KIND, "config": model.config.to_dict(), "meta": meta or {}}
-    _write(path / CONFIG, lambda p: p.write_text(json.dumps(doc, indent=1)))
+    write_atomic(path / CONFIG, lambda p: p.write_text(json.dumps(doc, indent=1)))
     return path
 
 
-def _write(target: Path, writer) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    writer(tmp)
-    tmp.replace(target)
-
-
 def load_config(path: str | Path) -> tuple[VlaConfig, dict]:
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is not a directory")
-    try:
-        doc = json.loads((path / CONFIG).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a VLA checkpoint: no {CONFIG}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {path / CONFIG} is corrupt: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("kind") != KIND:
-        raise CheckpointError(f"{path / CONFIG} is not a vla_stack VLA checkpoint config")
-    if doc.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {doc.get('format')!r}; this build reads {FORMAT}")
-    try:
-        return VlaConfig.from_dict(doc["config"]), doc.get("meta", {})
-    except (KeyError, TypeError, VlaStackError) as exc:
-        raise CheckpointError(f"checkpoint {path / CONFIG} has an invalid config: {exc}") from None
+    return read_header(Path(path), KIND, FORMAT, VlaConfig.from_dict, CheckpointError, "VLA")
 
 
 def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
