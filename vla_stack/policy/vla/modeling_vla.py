@@ -36,6 +36,7 @@ class KVCache:
     # The first camera's text-query attention logits (B, keypoints, H, W) where the backbone has them (the
     # grounding loss reads them); not part of what later tokens attend to, so extend/repeat drop them.
     grounding: torch.Tensor | None = None
+    memory_grounding: torch.Tensor | None = None  # (B, memory frames, keypoints, H, W), the same for the memory
 
     def extend(self, keys: list[torch.Tensor], values: list[torch.Tensor], mask: torch.Tensor) -> KVCache:
         return KVCache([torch.cat([a, b], 2) for a, b in zip(self.keys, keys)],
@@ -117,8 +118,10 @@ class Backbone(nn.Module):
         """Instruction strings -> tensors for `forward` (tokenised, and cached where frozen)."""
         raise NotImplementedError
 
-    def forward(self, images: torch.Tensor, text: dict[str, torch.Tensor]) -> KVCache:
-        """images (B, cameras, 3, H, W) float in [0, 1] -> the prefix KV cache."""
+    def forward(self, images: torch.Tensor, text: dict[str, torch.Tensor],
+                memory: torch.Tensor | None = None) -> KVCache:
+        """images (B, cameras, 3, H, W) float in [0, 1] (memory: (B, frames, 3, H, W) past first-camera
+        frames, for backbones with video memory) -> the prefix KV cache."""
         raise NotImplementedError
 
 
@@ -245,9 +248,10 @@ class QueryEncoder(nn.Module):
         self.patches = nn.Sequential(nn.GELU(approximate="tanh"), nn.Conv2d(c, 2 * c, 3, 2, 1), nn.GroupNorm(8, 2 * c),
                                      nn.GELU(approximate="tanh"), nn.Conv2d(2 * c, width, patch, stride=patch))
 
-    def forward(self, images: torch.Tensor, text_states: torch.Tensor,
-                text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (tokens (B, patch_grid^2 + keypoints, width), attention logits (B, keypoints, H, W))."""
+    def forward(self, images: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor,
+                keypoints_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (tokens (B, patch_grid^2 + keypoints, width), attention logits (B, keypoints, H, W)); with
+        keypoints_only (memory frames) the patch tokens are skipped."""
         features = self.stem(torch.cat([images, self.coords.expand(images.shape[0], -1, -1, -1)], 1))
         b, c, h, w = features.shape
         queries = self.queries(text_states, text_mask)  # (B, K, C)
@@ -257,6 +261,8 @@ class QueryEncoder(nn.Module):
         found = weights @ self.values(features).flatten(2).transpose(1, 2)  # (B, K, C)
         peak = torch.tanh((logits.amax(-1) - logits.mean(-1))[..., None] / 4)
         keypoints = self.keypoint_embed(torch.cat([xy, peak, found], -1)) + self.keypoint_id
+        if keypoints_only:
+            return keypoints, logits.view(b, -1, h, w)
         tokens = torch.cat([self.patches(features).flatten(2).transpose(1, 2), keypoints], 1)
         return tokens, logits.view(b, -1, h, w)
 
@@ -278,6 +284,9 @@ class TinyBackbone(Backbone):
             self.cameras = nn.ModuleList(PatchEncoder(config.image_size, config.patch_grid, w) for _ in config.cameras)
         n_img = len(config.cameras) * (config.patch_grid ** 2 + (config.keypoints if self.query else 0))
         self.image_pos = nn.Parameter(torch.randn(1, n_img, w) * 0.02)
+        self.memory_offsets = config.memory_offsets
+        if self.memory_offsets:
+            self.memory_pos = nn.Parameter(torch.randn(1, len(self.memory_offsets) * config.keypoints, w) * 0.02)
         self.text = MiniLMText(config.max_text_tokens)
         self.text_proj = nn.Linear(MiniLMText.dim, w)
         self.text_pos = nn.Parameter(torch.randn(1, config.max_text_tokens, w) * 0.02)
@@ -288,9 +297,10 @@ class TinyBackbone(Backbone):
     def encode_text(self, instructions: list[str]) -> dict[str, torch.Tensor]:
         return self.text(instructions)
 
-    def forward(self, images: torch.Tensor, text: dict[str, torch.Tensor]) -> KVCache:
+    def forward(self, images: torch.Tensor, text: dict[str, torch.Tensor],
+                memory: torch.Tensor | None = None) -> KVCache:
         pixels = (images - 0.5) / 0.5
-        grounding = None
+        grounding = memory_grounding = None
         if self.query:
             encoded = [enc(pixels[:, i], text["text_states"], text["text_mask"]) for i, enc in enumerate(self.cameras)]
             image_tokens = torch.cat([tokens for tokens, _ in encoded], 1)
@@ -298,6 +308,16 @@ class TinyBackbone(Backbone):
         else:
             image_tokens = torch.cat([enc(pixels[:, i]) for i, enc in enumerate(self.cameras)], 1)
         image_tokens = image_tokens + self.image_pos
+        if self.memory_offsets:
+            if memory is None or memory.shape[1] != len(self.memory_offsets):
+                raise VlaStackError(f"this model has video memory: it needs {len(self.memory_offsets)} past frames "
+                                    "(batch['memory_images'])")
+            b, k = memory.shape[:2]
+            tokens, maps = self.cameras[0]((memory.flatten(0, 1) - 0.5) / 0.5,
+                                           text["text_states"].repeat_interleave(k, 0),
+                                           text["text_mask"].repeat_interleave(k, 0), keypoints_only=True)
+            image_tokens = torch.cat([image_tokens, tokens.reshape(b, -1, tokens.shape[-1]) + self.memory_pos], 1)
+            memory_grounding = maps.view(b, k, *maps.shape[1:])
         text_tokens = self.text_proj(text["text_states"]) + self.text_pos
         x = torch.cat([image_tokens, text_tokens], 1)
         mask = torch.cat([torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=x.device), text["text_mask"]], 1)
@@ -308,7 +328,7 @@ class TinyBackbone(Backbone):
             keys.append(k)
             values.append(v)
         k, v = self.layers[-1].keys_values(self.layers[-1].norm1(x))
-        return KVCache([*keys, k], [*values, v], mask, grounding=grounding)
+        return KVCache([*keys, k], [*values, v], mask, grounding=grounding, memory_grounding=memory_grounding)
 
 
 class HFBackbone(Backbone):
@@ -343,7 +363,8 @@ class HFBackbone(Backbone):
         ids = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, self.pad_id)
         return {"input_ids": ids, "text_mask": enc["attention_mask"].bool()}
 
-    def forward(self, images: torch.Tensor, text: dict[str, torch.Tensor]) -> KVCache:
+    def forward(self, images: torch.Tensor, text: dict[str, torch.Tensor],
+                memory: torch.Tensor | None = None) -> KVCache:
         b, cams = images.shape[:2]
         pixels = F.interpolate(images.flatten(0, 1), size=(self.image_px, self.image_px), mode="bilinear",
                                antialias=True, align_corners=False)
@@ -476,7 +497,7 @@ class VlaModel(nn.Module):
         self.expert = ActionExpert(config, self.backbone)
 
     def encode_prefix(self, batch: dict, return_prefix: bool = False):
-        prefix = self.backbone(batch["images"], batch["text"])
+        prefix = self.backbone(batch["images"], batch["text"], batch.get("memory_images"))
         cache = self.expert.add_state(prefix, batch["state"], batch["state_mask"], batch["embodiment"])
         return (cache, prefix) if return_prefix else cache
 
@@ -496,6 +517,9 @@ class VlaModel(nn.Module):
         if self.config.aux_weight > 0 and "aux" in batch:
             n = batch["aux"].shape[1]
             aux = grounding_loss(prefix.grounding[:, :n], batch["aux"], batch["aux_mask"])
+            if prefix.memory_grounding is not None:  # memory frames: where the named cube was
+                aux = aux + grounding_loss(prefix.memory_grounding[:, :, 0], batch["memory_aux"],
+                                           batch["memory_aux_mask"])
             loss = loss + self.config.aux_weight * aux
             logs["aux"] = aux.detach()
         logs["loss"] = loss.detach()
@@ -507,7 +531,7 @@ class VlaModel(nn.Module):
         the named object, query 1 its destination when trained with the grounding loss. Diagnostics."""
         if self.config.image_encoder != "query":
             raise VlaStackError("only the 'query' image encoder has text-query keypoints")
-        return keypoint_positions(self.backbone(batch["images"], batch["text"]).grounding)
+        return keypoint_positions(self.backbone(batch["images"], batch["text"], batch.get("memory_images")).grounding)
 
     @torch.no_grad()
     def sample_actions(self, batch: dict, num_steps: int | None = None, noise: torch.Tensor | None = None,

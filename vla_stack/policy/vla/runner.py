@@ -81,14 +81,40 @@ class VlaPolicy:
         self._weights = np.zeros(0, np.float32)  # ensemble: how many chunks each planned step averages
         self._since_request = 0
         self._pending: Future | None = None
+        self._frames: list[np.ndarray] = []  # video memory: recent first-camera frames at the model's size
+        self._first_frame: np.ndarray | None = None
+        self._steps = 0
 
     def predict_action_chunk(self, obs: dict) -> np.ndarray:
-        """(chunk_size, action_dim) absolute joint targets + gripper for this observation."""
+        """(chunk_size, action_dim) absolute joint targets + gripper for this observation (recorded as this
+        step's frame for the video memory)."""
+        self.observe(obs)
         chunk = self._sample(self.batch(obs), None)
         return self.to_robot(chunk)
 
+    def observe(self, obs: dict) -> None:
+        """Record this control step's observation for the video memory (no-op without one). select_action and
+        predict_action_chunk call it; planners that sample through `batch` call it once per step."""
+        validate_observation(obs, self.config.cameras, self.action_dim)
+        if self.config.memory_offsets:
+            frame = resize_images(np.asarray(obs["images"][self.config.cameras[0]], np.uint8), self.config.image_size)
+            if self._steps == 0:
+                self._first_frame = frame
+            self._frames.append(frame)
+            del self._frames[:-max(self.config.memory_offsets) - 1]  # one frame per step, up to the oldest offset
+        self._steps += 1
+
+    def _memory_images(self, obs: dict) -> np.ndarray:
+        """(K, S, S, 3): the frame `offset` steps before the newest observed one, or the episode's first frame
+        when the episode is younger than that (training clamps the same way)."""
+        if not self._frames:  # nothing observed yet: the current image is all the memory there is
+            frame = resize_images(np.asarray(obs["images"][self.config.cameras[0]], np.uint8), self.config.image_size)
+            return np.stack([frame] * len(self.config.memory_offsets))
+        return np.stack([self._frames[-o - 1] if o < self._steps else self._first_frame
+                         for o in self.config.memory_offsets])
+
     def select_action(self, obs: dict) -> np.ndarray:
-        validate_observation(obs, self.config.cameras, self.action_dim)  # every step, even without inference
+        self.observe(obs)  # validates every step, even without inference
         if len(self._plan) == 0:  # episode start: nothing to execute while waiting
             self._adopt(self._sample(self.batch(obs), None), offset=0)
         elif self._pending is not None and self._since_request == self.delay:
@@ -123,20 +149,25 @@ class VlaPolicy:
             self._plan, self._weights = new, np.ones(len(new), np.float32)
 
     def batch(self, obs: dict) -> dict:
-        """Model inputs for one observation, validated first (NaN/inf raise InvalidObservationError). Public for
-        planners that sample several chunks from one prefix (the world-model planner)."""
+        """Model inputs for one observation, validated first (NaN/inf raise InvalidObservationError), with the
+        video memory as last recorded by `observe`. Public for planners that sample several chunks from one
+        prefix (the world-model planner)."""
         cfg = self.config
         validate_observation(obs, cfg.cameras, self.action_dim)
         images = resize_images(np.stack([np.asarray(obs["images"][c], np.uint8) for c in cfg.cameras]), cfg.image_size)
         state = self.normalizer.normalize(self.robot, "state", obs["state"])
         instruction = self.instruction or obs.get("instruction", "")
-        return {
+        batch = {
             "images": torch.from_numpy(images).permute(0, 3, 1, 2)[None].float() / 255.0,
             "text": self.model.backbone.encode_text([instruction]),
             "state": torch.from_numpy(pad(state, cfg.max_state_dim))[None],
             "state_mask": torch.from_numpy(dim_mask(self.action_dim, cfg.max_state_dim))[None],
             "embodiment": torch.tensor([self.embodiment]),
         }
+        if cfg.memory_offsets:
+            memory = self._memory_images(obs)
+            batch["memory_images"] = torch.from_numpy(memory).permute(0, 3, 1, 2)[None].float() / 255.0
+        return batch
 
     def _sample(self, batch: dict, known: np.ndarray | None) -> np.ndarray:
         cfg = self.config
