@@ -87,3 +87,24 @@ def test_lerobot_format_source_matches_the_store(tmp_path):
         assert (a.robot, a.instruction) == (b.robot, b.instruction)
         np.testing.assert_array_equal(a.action, b.action)
         np.testing.assert_array_equal(a.images, b.images)
+
+
+def test_decoded_episodes_are_cached_and_a_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
+    """The second load reads the decoded images from the cache, not zarr; a corrupt cache file is rebuilt."""
+    import numpy as np
+
+    from vla_stack.policy.vla import dataset
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    store = _store(tmp_path / "s.zarr")
+    first = dataset.load_store(store, ("front", "wrist"), 32)
+    files = sorted((tmp_path / "cache").rglob("*.npy"))
+    assert len(files) == len(first)
+    calls = []
+    original = dataset.resize_images
+    monkeypatch.setattr(dataset, "resize_images", lambda *a: calls.append(1) or original(*a))
+    second = dataset.load_store(store, ("front", "wrist"), 32)
+    assert not calls and all(np.array_equal(a.images, b.images) for a, b in zip(first, second))
+    files[0].write_bytes(b"not an array")
+    third = dataset.load_store(store, ("front", "wrist"), 32)
+    assert calls and np.array_equal(third[0].images, first[0].images)

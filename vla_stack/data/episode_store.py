@@ -298,10 +298,14 @@ class EpisodeStore:
             arrays[name] = arr
         return arrays
 
-    def read_episode(self, index: int) -> dict[str, np.ndarray]:
-        """All frames of an episode in memory: {feature: (frames, *shape) array}."""
+    def read_episode(self, index: int, features: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """All frames of an episode in memory: {feature: (frames, *shape) array}, for every feature or only the
+        named ones."""
+        wanted = None if features is None else set(features)
         data = {}
         for name, arr in self.episode_arrays(index).items():
+            if wanted is not None and name not in wanted:
+                continue
             with self._reading(index, f"feature {name!r}"):
                 data[name] = arr[...]
         return data
@@ -341,6 +345,12 @@ class EpisodeStore:
 
     def _key(self, index: int) -> str:
         return f"{_EPISODES}/episode_{index:06d}"
+
+    def episode_identity(self, index: int) -> str:
+        """Changes whenever the committed episode `index` is replaced (store recreated at the same path), so
+        caches of decoded episodes can be keyed on it."""
+        st = os.stat(self.path / self._key(index))
+        return f"{os.path.realpath(self.path)}:{index}:{st.st_ino}:{st.st_mtime_ns}"
 
     def _group(self, index: int, sub: str = "") -> zarr.Group:
         if not (self.path / self._key(index)).is_dir():
