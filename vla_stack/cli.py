@@ -108,6 +108,8 @@ def evaluate(
                                                                  "shipped one)."),
     planner_option: Optional[list[str]] = typer.Option(None, help="KEY=VALUE passed to the planner, repeatable "
                                                                   "(e.g. memory=off for the mem ablation)."),
+    execution: str = typer.Option("rtc", help="How a VLA joins its chunks: rtc (async inference, real-time "
+                                              "chunking), ensemble (async, temporal ensembling) or sync."),
 ) -> None:
     """Closed-loop success rate of a policy, with a 95% Wilson interval."""
     from vla_stack.evaluation import HELDOUT_SEED_START, evaluate as run_eval
@@ -117,7 +119,8 @@ def evaluate(
     get_family(task), get_robot(robot)
     result = run_eval(policy, task, robot, episodes, seed_start=HELDOUT_SEED_START if seed_start is None else seed_start,
                       video_dir=video_dir, videos=videos, instruction=instruction, planner=planner,
-                      planner_checkpoint=planner_checkpoint, planner_options=_key_values(planner_option or []))
+                      planner_checkpoint=planner_checkpoint, planner_options=_key_values(planner_option or []),
+                      execution=execution)
     low, high = result["wilson_95"]
     print(f"{policy} {task}/{robot}: success {result['successes']}/{episodes} = {result['success_rate']:.1%} "
           f"(95% CI {low:.1%}-{high:.1%})")

@@ -28,8 +28,15 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def load_policy(name: str, env: TabletopEnv):
-    """'expert' is the scripted expert; anything else a checkpoint directory or a shipped policy's name."""
+EXECUTIONS = ("rtc", "ensemble", "sync")
+
+
+def load_policy(name: str, env: TabletopEnv, execution: str = "rtc"):
+    """'expert' is the scripted expert; anything else a checkpoint directory or a shipped policy's name, run
+    with `execution`: rtc (async inference + real-time chunking), ensemble (async + ACT temporal ensembling)
+    or sync (inference blocks the control step, chunks join without smoothing)."""
+    if execution not in EXECUTIONS:
+        raise VlaStackError(f"unknown execution '{execution}' (known: {', '.join(EXECUTIONS)})")
     if name == "expert":
         from vla_stack.policy.scripted import ScriptedExpert
 
@@ -41,7 +48,9 @@ def load_policy(name: str, env: TabletopEnv):
 
     # The runner validates every observation (NaN/inf state or images raise InvalidObservationError) before
     # it reaches the model.
-    return load_vla_policy(path, env.robot.name)
+    if execution == "sync":
+        return load_vla_policy(path, env.robot.name, async_inference=False)
+    return load_vla_policy(path, env.robot.name, execution=execution)
 
 
 def write_mp4(frames: list[np.ndarray], path: Path, fps: float) -> Path:
@@ -70,12 +79,16 @@ def run_episode(env: TabletopEnv, policy, seed: int, record_video: bool = False)
     start = time.perf_counter()
     terminated = truncated = False
     steps = 0
+    actions = []
     while not (terminated or truncated):
         if record_video:
             frames.append(np.concatenate([obs["images"][c] if c in obs["images"] else env.sim.render(c)
                                           for c in CAMERAS], axis=1))
-        obs, _, terminated, truncated, info = env.step(policy.select_action(obs))
+        action = policy.select_action(obs)
+        actions.append(np.asarray(action, np.float64)[:-1])
+        obs, _, terminated, truncated, info = env.step(action)
         steps += 1
+    arm = np.asarray(actions)
     record = {
         "seed": seed,
         "success": bool(info["success"]),
@@ -85,6 +98,8 @@ def run_episode(env: TabletopEnv, policy, seed: int, record_video: bool = False)
         "instruction": env.instruction,
         "clipped_actions": info["clipped_actions"],
         "non_finite_actions": info["non_finite_actions"],
+        # smoothness of the commanded arm targets: mean |second difference| (rad / step^2)
+        "action_jerk": round(float(np.abs(np.diff(arm, 2, axis=0)).mean()), 5) if len(arm) > 2 else 0.0,
         "duration_s": round(time.perf_counter() - start, 3),
     }
     if hasattr(policy, "episode_metrics"):
@@ -95,7 +110,8 @@ def run_episode(env: TabletopEnv, policy, seed: int, record_video: bool = False)
 def evaluate(policy_name: str, task: str, robot: str, episodes: int, seed_start: int = HELDOUT_SEED_START,
              video_dir: Path | None = None, videos: int = 1, instruction: str | None = None,
              image_size: int = 128, progress: bool = True, planner: str = "none",
-             planner_checkpoint: Path | None = None, planner_options: dict | None = None) -> dict:
+             planner_checkpoint: Path | None = None, planner_options: dict | None = None,
+             execution: str = "rtc") -> dict:
     if episodes < 1:
         raise VlaStackError("--episodes must be at least 1")
     # The scripted expert reads the simulator state: it renders only the frames of recorded videos.
@@ -104,7 +120,7 @@ def evaluate(policy_name: str, task: str, robot: str, episodes: int, seed_start:
     try:
         from vla_stack.planners import wrap_policy
 
-        policy = wrap_policy(planner, load_policy(policy_name, env), env, checkpoint=planner_checkpoint,
+        policy = wrap_policy(planner, load_policy(policy_name, env, execution), env, checkpoint=planner_checkpoint,
                              **(planner_options or {}))
         results, video_paths = [], []
         start = time.perf_counter()
@@ -125,6 +141,7 @@ def evaluate(policy_name: str, task: str, robot: str, episodes: int, seed_start:
         "policy": policy_name,
         "planner": planner,
         "planner_options": planner_options or {},
+        "execution": execution if policy_name != "expert" else None,
         "planner_summary": policy.summary() if hasattr(policy, "summary") else None,
         "task": task,
         "robot": robot,
@@ -135,6 +152,7 @@ def evaluate(policy_name: str, task: str, robot: str, episodes: int, seed_start:
         "wilson_95": [round(low, 4), round(high, 4)],
         "seed_start": seed_start,
         "mean_steps": float(np.mean([r["steps"] for r in results])),
+        "mean_action_jerk": round(float(np.mean([r["action_jerk"] for r in results])), 5),
         "wall_time_s": round(time.perf_counter() - start, 2),
         "videos": video_paths,
         "per_episode": results,

@@ -40,7 +40,7 @@ def _write_json(result: dict, path: Path | None) -> None:
 
 # ----------------------------------------------------------------------------------------------- sim-eval
 def run_sim_eval(task: str, robot: str, policy: str, episodes: int, seed_start: int = 1_000_000,
-                 image_size: int = 64, real_time_factor: float = 1.0, progress: bool = True) -> dict:
+                 image_size: int = 128, real_time_factor: float = 1.0, progress: bool = True) -> dict:
     """Episodes of `policy` through ROS topics with every node in this process; success from task/success.
     The nodes run on sim time (/clock), so a busy host slows the episode down instead of failing it."""
     from vla_stack.sim.robots import get_robot
@@ -143,7 +143,7 @@ def sim_eval(
     policy: str = typer.Option("expert", help="'expert' or a checkpoint path."),
     episodes: int = typer.Option(5, help="Episodes to run."),
     seed_start: int = typer.Option(1_000_000, help="Scene seed of the first episode (held-out range by default)."),
-    image_size: int = typer.Option(64, help="Camera image size in pixels."),
+    image_size: int = typer.Option(128, help="Camera image size in pixels."),
     real_time_factor: float = typer.Option(1.0, help="Sim speed relative to wall-clock time."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the result here."),
 ) -> None:
@@ -164,7 +164,7 @@ def _percentiles(values: list[float]) -> dict:
 
 
 def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str = "pick", policy: str = "expert",
-                      image_size: int = 64, camera_rate: float = 10.0, control_rate: float = 50.0,
+                      image_size: int = 128, camera_rate: float = 10.0, control_rate: float = 50.0,
                       domain_id: int | None = None, progress: bool = True) -> dict:
     """sim_node and policy_node as separate processes; this process measures, from the messages alone:
     image-to-command latency (command receipt minus the stamp of the image it was computed from), the sim
@@ -269,7 +269,7 @@ def bench_ros(
     robot: str = typer.Option("panda", help="Robot."),
     task: str = typer.Option("pick", help="Task family."),
     policy: str = typer.Option("vla_tiny", help="'expert', a checkpoint path or a shipped policy name."),
-    image_size: int = typer.Option(64, help="Camera image size."),
+    image_size: int = typer.Option(128, help="Camera image size."),
     camera_rate: float = typer.Option(10.0, help="Camera rate in Hz (the policy runs on each image)."),
     control_rate: float = typer.Option(50.0, help="Sim controller rate in Hz."),
 ) -> None:

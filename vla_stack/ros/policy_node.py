@@ -1,9 +1,9 @@
 """policy_node: a lifecycle node that turns camera images, joint states and the instruction into action chunks.
 
 configure loads the policy (`expert` or a checkpoint path), activate starts control, deactivate holds the arm.
-Inference runs on a worker thread, woken by each new image of the first camera (so image-to-command latency is
-inference plus transport) or after one control period without one, when the watchdog decides whether the inputs
-went stale; callbacks only store the newest messages, so they never block. Each chunk becomes a multi-point
+Inference runs on a worker thread, woken as soon as every camera has delivered a new image since the last step
+(so the images are of one moment and image-to-command latency is inference plus transport) or after one control
+period without that, when the watchdog decides whether the inputs went stale; callbacks only store the newest messages, so they never block. Each chunk becomes a multi-point
 JointTrajectory (arm) plus one for the gripper, time-stamped at send time, through the safety layer. ~/status
 (JSON) says what the node does and why it holds.
 """
@@ -40,8 +40,8 @@ class PolicyNode(LifecycleNode):
                                                                         "shipped one)", True)
         self.planner_deadline = param(self, "planner_deadline", 0.15, "Search deadline per decision (s) of the "
                                                                       "wm planner", True)
-        self.cameras = list(param(self, "cameras", list(CAMERAS), "Cameras the policy sees; images of the first "
-                                                                  "trigger inference", True))
+        self.cameras = list(param(self, "cameras", list(CAMERAS), "Cameras the policy sees; a new image from "
+                                                                  "each triggers inference", True))
         self.action_dt = param(self, "action_dt", 0.1, "Seconds between the points of an action chunk (the "
                                                        "policy's training frame period)", True)
         max_age = param(self, "max_input_age", 0.2, "Hold when an image or joint state is older than this (s)", True)
@@ -69,6 +69,7 @@ class PolicyNode(LifecycleNode):
         self.instruction = ""
         self._wake = threading.Condition()
         self._fresh = False
+        self._unseen: set[str] = set()  # cameras with a new image since the last step
         self._active = False
         self._thread: threading.Thread | None = None
         self.source = None
@@ -134,8 +135,10 @@ class PolicyNode(LifecycleNode):
     def _on_image(self, camera: str, msg: Image) -> None:
         self._images[camera] = msg
         self.watchdog.feed(f"{camera} image", seconds(msg.header.stamp))
-        if camera == self.cameras[0]:
-            with self._wake:
+        with self._wake:
+            self._unseen.add(camera)
+            if self._unseen.issuperset(self.cameras):
+                self._unseen.clear()
                 self._fresh = True
                 self._wake.notify()
 
@@ -206,8 +209,9 @@ class PolicyNode(LifecycleNode):
             if self.holding is not None:
                 self.get_logger().info("inputs fresh again: resuming control")
                 self.holding = None
-        self._status("running" if sent else "rejected", obs_stamp=seconds(images[self.cameras[0]].header.stamp),
-                     command_stamp=seconds(stamp), inference_ms=round(inference_ms, 3), chunk=len(chunk))
+        oldest_image = min(seconds(images[c].header.stamp) for c in self.cameras)
+        self._status("running" if sent else "rejected", obs_stamp=oldest_image, command_stamp=seconds(stamp),
+                     inference_ms=round(inference_ms, 3), chunk=len(chunk))
 
     def _status(self, state: str, **fields) -> None:
         self.status_pub.publish(String(data=json.dumps({"state": state, "commands": self.commands, **fields})))
