@@ -17,40 +17,58 @@ from vla_helpers import tiny_batch, tiny_config
 
 
 @pytest.mark.parametrize("robot", ["panda", "so101"])
-def test_labels_land_on_the_named_objects_in_the_rendered_front_image(robot):
-    """A segmentation render of the front camera: the labelled pixel belongs to the named cube / bowl."""
+def test_labels_land_on_the_named_objects_in_the_rendered_images(robot):
+    """Segmentation renders of both cameras while the expert approaches: each labelled pixel shows the named
+    cube / bowl (or the arm in front of it), and an object outside the wrist image is not labelled there."""
     import mujoco
 
-    env = TabletopEnv("place", robot, image_size=128)
+    from vla_stack.policy.scripted import ScriptedExpert
+
+    env = TabletopEnv("place", robot, image_size=128, cameras=())
+    expert = ScriptedExpert(env)
     renderer = mujoco.Renderer(env.sim.model, 128, 128)
     renderer.enable_segmentation_rendering()
+    checked = {"front": 0, "wrist": 0}
+    robot_bodies = env.sim._robot_bodies
     try:
         for seed in (3, 4, 5):
             env.reset(seed=seed)
-            labels, mask, _ = aux_labels("place", robot, seed, env.instruction, np.zeros(5))
-            assert mask[0].all()
-            renderer.update_scene(env.sim.data, camera="front")
-            geoms = renderer.render()[..., 0]
-            m = env.sim.model
-            for (col, row), body in zip(labels[0], ("cube0", "receptacle0")):
-                r, c = int(round((row + 1) / 2 * 127)), int(round((col + 1) / 2 * 127))
-                assert m.geom_bodyid[geoms[r, c]] == m.body(body).id
+            expert.reset(seed=seed)
+            for step in range(12):  # home pose, then on the way to the cube
+                if step % 4 == 0:
+                    q = env.sim.arm_qpos()[None]
+                    labels, mask, _ = aux_labels("place", robot, seed, env.instruction, np.zeros(1), arm_qpos=q)
+                    m = env.sim.model
+                    for c, camera in enumerate(("front", "wrist")):
+                        renderer.update_scene(env.sim.data, camera=camera)
+                        geoms = renderer.render()[..., 0]
+                        for (col, row), body, labelled in zip(labels[0, c], ("cube0", "receptacle0"), mask[0, c]):
+                            if not labelled:
+                                assert camera == "wrist" and not (abs(col) <= 1 and abs(row) <= 1)
+                                continue
+                            r, cc = int(round((row + 1) / 2 * 127)), int(round((col + 1) / 2 * 127))
+                            seen = m.geom_bodyid[geoms[r, cc]]
+                            assert seen == m.body(body).id or seen in robot_bodies, (camera, body, step)
+                            checked[camera] += seen == m.body(body).id
+                env.step(expert.select_action(None))
     finally:
         renderer.close()
         env.close()
+    assert checked["front"] >= 12 and checked["wrist"] >= 3
 
 
 def test_labels_stop_at_the_grasp_and_skip_unknown_scenes():
     inst = generate("place", get_robot("panda"), 7)
     labels, mask, until = aux_labels("place", "panda", 7, inst.instruction, np.array([0, 0, 0, 1, 1, 1, 0], np.float32))
-    assert labels.shape == (7, AUX_OBJECTS, 2) and mask.shape == (7, AUX_OBJECTS)
-    assert np.all(np.abs(labels) <= 1.0)
-    np.testing.assert_array_equal(mask[:, 0], [1, 1, 1, 1, 0, 0, 0])  # the cube moves with the hand after
-    np.testing.assert_array_equal(mask[:, 1], np.ones(7))
+    assert labels.shape == (7, 2, AUX_OBJECTS, 2) and mask.shape == (7, 2, AUX_OBJECTS)
+    assert np.all(np.abs(labels[:, 0]) <= 1.0)
+    np.testing.assert_array_equal(mask[:, 0, 0], [1, 1, 1, 1, 0, 0, 0])  # the cube moves with the hand after
+    np.testing.assert_array_equal(mask[:, 0, 1], np.ones(7))
+    assert not mask[:, 1].any()  # no arm joint positions given: no wrist labels
     np.testing.assert_array_equal(until, np.full(7, 3))
     pick = generate("pick", get_robot("so101"), 3)
     _, mask, _ = aux_labels("pick", "so101", 3, pick.instruction, np.zeros(5))
-    assert mask[:, 0].all() and not mask[:, 1].any()  # pick has no destination
+    assert mask[:, 0, 0].all() and not mask[:, 0, 1].any()  # pick has no destination
     assert aux_labels("pick", "so101", None, pick.instruction, np.zeros(5)) is None  # imported, no seed
     assert aux_labels("pick", "so101", 3, "pick up the chartreuse cube", np.zeros(5)) is None  # not this scene
     assert aux_labels("juggle", "so101", 3, pick.instruction, np.zeros(5)) is None
@@ -64,18 +82,18 @@ def test_subtask_labels_follow_each_subtask_and_forget_a_moved_cube():
     gripper = np.array([0, 0, 1, 1, 0, 0, 1, 1, 0], np.float32)
     subtask = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1])
     labels, mask, until = aux_labels("restore", "panda", 11, inst.instruction, gripper, subtask)
-    np.testing.assert_array_equal(mask[:, 0], [1, 1, 1, 0, 0, 0, 0, 0, 0])
-    np.testing.assert_array_equal(mask[:, 1], [1, 1, 1, 1, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(mask[:, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(mask[:, 0, 1], [1, 1, 1, 1, 0, 0, 0, 0, 0])
     assert (until == 2).all()  # memory frames up to the first grasp still show where the cube started
-    np.testing.assert_allclose(labels[5, 0], labels[0, 0])
+    np.testing.assert_allclose(labels[5, 0, 0], labels[0, 0, 0])
     sort = generate("sort", get_robot("panda"), 2)
     gripper = np.array([0, 1, 0, 0, 1, 0], np.float32)
     labels, mask, until = aux_labels("sort", "panda", 2, sort.instruction, gripper, np.array([0, 0, 0, 1, 1, 1]))
     first, second = sort.subtasks[0].goal, sort.subtasks[1].goal
-    assert first.cube != second.cube and mask[:, 1].all()
-    np.testing.assert_array_equal(mask[:, 0], [1, 1, 0, 1, 1, 0])  # each subtask's own cube, until its grasp
+    assert first.cube != second.cube and mask[:, 0, 1].all()
+    np.testing.assert_array_equal(mask[:, 0, 0], [1, 1, 0, 1, 1, 0])  # each subtask's own cube, until its grasp
     np.testing.assert_array_equal(until, [1, 1, 1, 4, 4, 4])
-    assert not np.allclose(labels[0, 1], labels[3, 1])  # a different bin
+    assert not np.allclose(labels[0, 0, 1], labels[3, 0, 1])  # a different bin
 
 
 def test_memory_frames_are_the_same_in_training_and_at_run_time():
@@ -116,19 +134,20 @@ def test_grounding_loss_is_masked_and_needs_the_query_encoder():
     torch.manual_seed(0)
     model = VlaModel(tiny_config(image_encoder="query", aux_weight=1.0))
     batch = tiny_batch(model)
-    batch["aux"] = torch.zeros(2, AUX_OBJECTS, 2)
-    batch["aux_mask"] = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    batch["aux"] = torch.zeros(2, 2, AUX_OBJECTS, 2)
+    batch["aux_mask"] = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 0.0]]])
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     loss, logs = model(batch, generator=g())
     assert set(logs) == {"flow", "aux", "loss"} and logs["aux"] > 0
     torch.testing.assert_close(loss, logs["flow"] + logs["aux"])
     changed = {**batch, "aux": batch["aux"].clone()}
-    changed["aux"][0, 1] = 0.9  # a masked entry: no effect
+    changed["aux"][0, :, 1] = 0.9  # masked entries: no effect
+    changed["aux"][1, 1, 1] = 0.9
     torch.testing.assert_close(model(changed, generator=g())[1]["aux"], logs["aux"])
-    changed["aux"][1, 1] = 0.9  # a labelled entry: it counts
+    changed["aux"][1, 1, 0] = 0.9  # a labelled entry (the wrist camera's cube): it counts
     assert model(changed, generator=g())[1]["aux"] != logs["aux"]
     loss.backward()
-    assert model.backbone.cameras[0].queries.query.grad.abs().sum() > 0
+    assert all(camera.queries.query.grad.abs().sum() > 0 for camera in model.backbone.cameras)
     # a map peaked where the label is costs less than a flat one
     target, ones = torch.tensor([[[0.5, -0.5]]]), torch.ones(1, 1)
     peaked = torch.zeros(1, 1, 8, 8)
@@ -182,7 +201,7 @@ def test_query_encoder_finds_the_named_square_on_unseen_images():
     test_images, test_texts, test_targets = _squares(48, cfg.image_size, seed=1)
 
     def maps(imgs, txt):
-        return model.backbone(imgs, model.backbone.encode_text(txt)).grounding[:, :1]
+        return model.backbone(imgs, model.backbone.encode_text(txt)).grounding[:, 0, :1]
 
     for step in range(60):
         idx = torch.randint(len(images), (32,), generator=torch.Generator().manual_seed(step))

@@ -47,6 +47,18 @@ def _yaw_quat(yaw: float) -> np.ndarray:
     return np.array([math.cos(yaw / 2), 0.0, 0.0, math.sin(yaw / 2)])
 
 
+def camera_coords(model: mujoco.MjModel, data: mujoco.MjData, camera: str, points) -> tuple[np.ndarray, np.ndarray]:
+    """World points (..., 3) -> ((..., 2) (column, row) in [-1, 1] in `camera` at the pose in `data` (after
+    mj_kinematics / mj_forward), (...) bool: in front of the camera and inside the image)."""
+    cam = model.camera(camera).id
+    rotation = data.cam_xmat[cam].reshape(3, 3)  # columns: camera x (right), y (up), z (backwards)
+    rel = (np.asarray(points, float) - data.cam_xpos[cam]) @ rotation
+    depth = -rel[..., 2]
+    focal = 1.0 / math.tan(math.radians(model.cam_fovy[cam]) / 2)
+    coords = np.stack([focal * rel[..., 0], -focal * rel[..., 1]], -1) / np.maximum(depth, 1e-6)[..., None]
+    return coords, (depth > 1e-3) & np.all(np.abs(coords) <= 1.0, -1)
+
+
 def build_scene(robot: RobotSpec, n_cubes: int, receptacle_kind: str | None, n_receptacles: int,
                 image_size: tuple[int, int]) -> mujoco.MjModel:
     spec = mujoco.MjSpec.from_file(str(share_dir("sim") / "scenes" / "tabletop.xml"))

@@ -4,11 +4,13 @@ decoded once and batches are gathered by index: no dataloader workers competing 
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import mujoco
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -26,8 +28,8 @@ class Episode:
     images: np.ndarray  # (T, cameras, S, S, 3) uint8 at the model's image size
     state: np.ndarray  # (T, D)
     action: np.ndarray  # (T, D)
-    # Privileged grounding labels for the training-only loss (see aux_labels): (T, AUX_OBJECTS, 2), their
-    # (T, AUX_OBJECTS) 0/1 mask and, per frame, the last frame at which the named cube still sat where the
+    # Privileged grounding labels for the training-only loss (see aux_labels): (T, cameras, AUX_OBJECTS, 2) in
+    # the model's camera order, their (T, cameras, AUX_OBJECTS) 0/1 mask and, per frame, the last frame at which the named cube still sat where the
     # label puts it (memory frames are labelled up to there). None when the episode cannot be regenerated.
     aux: np.ndarray | None = None
     aux_mask: np.ndarray | None = None
@@ -40,24 +42,37 @@ class Episode:
         return self.texts if self.texts is not None else [self.instruction] * len(self.action)
 
 
-# Grounding targets per frame: where the named cube and its destination appear in the front camera,
-# (AUX_OBJECTS, 2) as (column, row) in [-1, 1]. The destination is the named bowl or bin, or the cube to stack
+# Grounding targets per frame: where the named cube and its destination appear in each camera of
+# LABELLED_CAMERAS, (cameras, AUX_OBJECTS, 2) as (column, row) in [-1, 1] (the wrist camera through the arm's
+# forward kinematics at that frame; unlabelled where the object is outside its image). The destination is the named bowl or bin, or the cube to stack
 # on; pick and "put it back where it was" have none (the empty spot is nothing to see in the current image).
 AUX_OBJECTS = 2
+LABELLED_CAMERAS = ("front", "wrist")
 GRIPPER_CLOSED = 0.5
 SUBTASK_FAMILIES = ("sort", "restore")
 
 
+@functools.cache
+def _kinematics(robot: str):
+    """A scene of `robot` for forward kinematics of its cameras: (model, data, arm qpos addresses)."""
+    from vla_stack.sim.tabletop import TabletopSim
+
+    sim = TabletopSim(robot, 1, None, 0, (64, 64))
+    return sim.model, mujoco.MjData(sim.model), sim._arm_qpos
+
+
 def aux_labels(task: str, robot: str, seed: int | None, instruction: str, gripper: np.ndarray,
-               subtask_index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+               subtask_index: np.ndarray | None = None, arm_qpos: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Regenerate the episode's scene from its seed (tasks.generate is deterministic in family, robot, seed)
-    and label every frame with where its named cube started and where its destination is, in the front camera.
+    and label every frame with where its named cube started and where its destination is, in each of
+    LABELLED_CAMERAS (the wrist camera needs the frame's measured `arm_qpos`; without it, front only).
     With `subtask_index` (SUBTASK_FAMILIES) the named cube and destination are those of each frame's subtask,
     else those of the whole instruction. A cube is labelled until the gripper first closes in a subtask that
     moves it (after that it is in the hand or elsewhere); `cube_until` is that frame, for memory frames.
     None when the scene cannot be regenerated or does not match the instruction."""
     from vla_stack.sim.robots import TABLE_Z, get_robot
-    from vla_stack.sim.tabletop import front_camera_coords
+    from vla_stack.sim.tabletop import camera_coords, front_camera_coords
     from vla_stack.sim.tasks import FAMILIES, generate
 
     if seed is None or task not in FAMILIES:
@@ -83,22 +98,33 @@ def aux_labels(task: str, robot: str, seed: int | None, instruction: str, grippe
         cube = goals[per_frame[t]][0]
         if closed[t] and cube not in grasped_at:
             grasped_at[cube] = t
-    labels = np.zeros((T, AUX_OBJECTS, 2), np.float32)
-    mask = np.zeros((T, AUX_OBJECTS), np.float32)
+    labels = np.zeros((T, len(LABELLED_CAMERAS), AUX_OBJECTS, 2), np.float32)
+    mask = np.zeros((T, len(LABELLED_CAMERAS), AUX_OBJECTS), np.float32)
     cube_until = np.full(T, -1, np.int64)
+    points = np.zeros((T, AUX_OBJECTS, 3))
     for t in range(T):
         cube, goal = goals[per_frame[t]]
-        labels[t, 0] = front_camera_coords(spec, (*inst.cubes[cube].xy, cube_z))
+        points[t, 0] = (*inst.cubes[cube].xy, cube_z)
         cube_until[t] = grasped_at.get(cube, T - 1)
-        mask[t, 0] = float(t <= cube_until[t])
-        dest = None
+        mask[t, :, 0] = float(t <= cube_until[t])
         if goal.kind == "in" and goal.target is not None:
-            dest = (*inst.receptacles[goal.target].xy, TABLE_Z)
+            points[t, 1] = (*inst.receptacles[goal.target].xy, TABLE_Z)
         elif goal.kind == "on" and goal.target is not None:
-            dest = (*inst.cubes[goal.target].xy, cube_z)
-        if dest is not None:
-            labels[t, 1] = front_camera_coords(spec, dest)
-            mask[t, 1] = 1.0
+            points[t, 1] = (*inst.cubes[goal.target].xy, cube_z)
+        else:
+            continue
+        mask[t, :, 1] = 1.0
+    labels[:, 0] = front_camera_coords(spec, points)
+    if arm_qpos is None:
+        mask[:, 1] = 0.0
+    else:
+        model, data, qpos_adr = _kinematics(robot)
+        for t in range(T):
+            data.qpos[qpos_adr] = arm_qpos[t]
+            mujoco.mj_kinematics(model, data)
+            mujoco.mj_camlight(model, data)
+            labels[t, 1], visible = camera_coords(model, data, "wrist", points[t])
+            mask[t, 1] *= visible
     return labels, mask, cube_until
 
 
@@ -172,8 +198,15 @@ def load_store(path: str | Path, cameras: tuple[str, ...], image_size: int) -> l
         if meta.task in SUBTASK_FAMILIES and meta.subtasks and "subtask_index" in data:
             subtask_index = np.clip(data["subtask_index"].astype(int), 0, len(meta.subtasks) - 1)
             texts = [meta.subtasks[k] for k in subtask_index]
-        aux = aux_labels(meta.task, store.robot, meta.seed, meta.instruction, action[:, -1], subtask_index)
-        episodes.append(Episode(store.robot, meta.instruction, images, data["state"].astype(np.float32), action,
+        state = data["state"].astype(np.float32)
+        aux = aux_labels(meta.task, store.robot, meta.seed, meta.instruction, action[:, -1], subtask_index,
+                         arm_qpos=state[:, :-1])
+        if aux is not None:  # labels in the model's camera order; cameras without labels get none
+            labels, mask, until = aux
+            order = [LABELLED_CAMERAS.index(c) if c in LABELLED_CAMERAS else None for c in cameras]
+            aux = (np.stack([labels[:, i] if i is not None else np.zeros_like(labels[:, 0]) for i in order], 1),
+                   np.stack([mask[:, i] if i is not None else np.zeros_like(mask[:, 0]) for i in order], 1), until)
+        episodes.append(Episode(store.robot, meta.instruction, images, state, action,
                                 *(aux or (None, None, None)), texts=texts))
     return episodes
 
@@ -228,8 +261,9 @@ class ChunkDataset:
             dims_mask.append(np.repeat(dim_mask(D, A)[None], T, 0))
             emb.append(np.full(T, config.embodiment_id(e.robot)))
             instr.append(np.array([text_id[t] for t in e.frame_texts()]))
-            aux.append(e.aux if e.aux is not None else np.zeros((T, AUX_OBJECTS, 2), np.float32))
-            aux_mask.append(e.aux_mask if e.aux_mask is not None else np.zeros((T, AUX_OBJECTS), np.float32))
+            C = len(config.cameras)
+            aux.append(e.aux if e.aux is not None else np.zeros((T, C, AUX_OBJECTS, 2), np.float32))
+            aux_mask.append(e.aux_mask if e.aux_mask is not None else np.zeros((T, C, AUX_OBJECTS), np.float32))
             frame.append(np.arange(T))
             until.append(e.cube_until if e.cube_until is not None else np.full(T, -1))
         self.actions = torch.from_numpy(np.concatenate(actions))  # (N, H, A)
@@ -238,7 +272,7 @@ class ChunkDataset:
         self.states = torch.from_numpy(np.concatenate(states))
         self.embodiment = torch.from_numpy(np.concatenate(emb)).long()
         self.instruction_ids = torch.from_numpy(np.concatenate(instr)).long()
-        self.aux = torch.from_numpy(np.concatenate(aux))  # (N, AUX_OBJECTS, 2)
+        self.aux = torch.from_numpy(np.concatenate(aux))  # (N, cameras, AUX_OBJECTS, 2)
         self.aux_mask = torch.from_numpy(np.concatenate(aux_mask))
         self.labelled_episodes = sum(e.aux_mask is not None for e in episodes)
         self.frame = torch.from_numpy(np.concatenate(frame)).long()  # index of each sample in its episode
@@ -270,7 +304,7 @@ class ChunkDataset:
     def _memory(self, indices: torch.Tensor) -> dict:
         """Short-term video memory: the first camera `memory_offsets` frames back, clamped to the episode's
         first frame; labelled with where the frame's named cube started while that past frame still showed it
-        there."""
+        there (the first camera is the fixed one, so the label does not depend on the arm's pose)."""
         offsets = self.config.memory_offsets
         if not offsets:
             return {}
@@ -279,7 +313,7 @@ class ChunkDataset:
         rows = indices[:, None] - frame[:, None] + past
         images = self.images[rows, 0].permute(0, 1, 4, 2, 3).float() / 255.0  # (B, K, 3, S, S)
         return {"memory_images": images,
-                "memory_aux": self.aux[indices, 0][:, None].expand(-1, len(offsets), -1),
+                "memory_aux": self.aux[indices, 0, 0][:, None].expand(-1, len(offsets), -1),
                 "memory_aux_mask": (past <= self.cube_until[indices, None]).float()}
 
 

@@ -33,7 +33,7 @@ class KVCache:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     mask: torch.Tensor  # (B, T) bool: False marks padding
-    # The first camera's text-query attention logits (B, keypoints, H, W) where the backbone has them (the
+    # Each camera's text-query attention logits (B, cameras, keypoints, H, W) where the backbone has them (the
     # grounding loss reads them); not part of what later tokens attend to, so extend/repeat drop them.
     grounding: torch.Tensor | None = None
     memory_grounding: torch.Tensor | None = None  # (B, memory frames, keypoints, H, W), the same for the memory
@@ -304,7 +304,7 @@ class TinyBackbone(Backbone):
         if self.query:
             encoded = [enc(pixels[:, i], text["text_states"], text["text_mask"]) for i, enc in enumerate(self.cameras)]
             image_tokens = torch.cat([tokens for tokens, _ in encoded], 1)
-            grounding = encoded[0][1]
+            grounding = torch.stack([maps for _, maps in encoded], 1)
         else:
             image_tokens = torch.cat([enc(pixels[:, i]) for i, enc in enumerate(self.cameras)], 1)
         image_tokens = image_tokens + self.image_pos
@@ -505,7 +505,7 @@ class VlaModel(nn.Module):
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         """Masked flow-matching loss. batch["actions"] (B, H, 32) normalised, batch["action_mask"] (B, H, 32)
         is 1 on real dims of non-padded chunk steps. `noise_samples` noise/time draws share one prefix pass.
-        With config.aux_weight > 0 and batch["aux"]/batch["aux_mask"] given, the grounding loss on the first
+        With config.aux_weight > 0 and batch["aux"]/batch["aux_mask"] given, the grounding loss on every
         camera's text-query maps is added (logged separately as "aux")."""
         actions = batch["actions"].repeat_interleave(noise_samples, 0)
         mask = batch["action_mask"].repeat_interleave(noise_samples, 0)
@@ -515,8 +515,9 @@ class VlaModel(nn.Module):
         logs = {"flow": flow.detach()}
         loss = flow
         if self.config.aux_weight > 0 and "aux" in batch:
-            n = batch["aux"].shape[1]
-            aux = grounding_loss(prefix.grounding[:, :n], batch["aux"], batch["aux_mask"])
+            n = batch["aux"].shape[2]
+            aux = grounding_loss(prefix.grounding[:, :, :n].flatten(1, 2), batch["aux"].flatten(1, 2),
+                                 batch["aux_mask"].flatten(1, 2))
             if prefix.memory_grounding is not None:  # memory frames: where the named cube was
                 aux = aux + grounding_loss(prefix.memory_grounding[:, :, 0], batch["memory_aux"],
                                            batch["memory_aux_mask"])
@@ -527,11 +528,12 @@ class VlaModel(nn.Module):
 
     @torch.no_grad()
     def locate(self, batch: dict) -> torch.Tensor:
-        """Where the first camera's text queries look, (B, keypoints, 2) as (column, row) in [-1, 1]: query 0
+        """Where each camera's text queries look, (B, cameras, keypoints, 2) as (column, row) in [-1, 1]: query 0
         the named object, query 1 its destination when trained with the grounding loss. Diagnostics."""
         if self.config.image_encoder != "query":
             raise VlaStackError("only the 'query' image encoder has text-query keypoints")
-        return keypoint_positions(self.backbone(batch["images"], batch["text"], batch.get("memory_images")).grounding)
+        grounding = self.backbone(batch["images"], batch["text"], batch.get("memory_images")).grounding
+        return keypoint_positions(grounding.flatten(1, 2)).unflatten(1, grounding.shape[1:3])
 
     @torch.no_grad()
     def sample_actions(self, batch: dict, num_steps: int | None = None, noise: torch.Tensor | None = None,
