@@ -15,6 +15,7 @@ from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from std_msgs.msg import String
+from trajectory_msgs.msg import JointTrajectory
 
 from vla_stack.ros.processes import ros_env, spawn_node, stop
 
@@ -37,13 +38,15 @@ def test_keyboard_keys_move_the_grasp_site():
     heights = []
     node.create_subscription(String, "oracle/world_state", lambda m: heights.append(json.loads(m.data)["grasp_pos"][2]),
                              10)
+    commands = []
+    node.create_subscription(JointTrajectory, "arm_controller/joint_trajectory", commands.append, 10)
     threading.Thread(target=executor.spin, daemon=True).start()
     try:
         end = time.monotonic() + 30.0
-        while len(heights) < 5 or not node.count_publishers("arm_controller/joint_trajectory"):
+        while len(heights) < 5 or not commands:  # teleop streams commands once it has anchored at the arm's pose
             assert time.monotonic() < end, "graph did not come up"
             time.sleep(0.1)
-        time.sleep(1.0)  # teleop anchors its target at the measured pose
+        time.sleep(0.5)
         start = heights[-1]
         end = time.monotonic() + 1.0
         while time.monotonic() < end:  # key repeat: 'f' = down at half speed

@@ -38,6 +38,12 @@ class TeleopNode(Node):
         self.twist_timeout = param(self, "twist_timeout", 0.3, "Stop when no Twist arrived for this long (s)", True)
         keyboard = param(self, "keyboard", False, "Read keys from the terminal (when stdin is one)", True)
         max_age = param(self, "max_input_age", 0.2, "Hold when joint_states are older than this (s)", True)
+        self._running = True
+        self._terminal = None
+        if keyboard and sys.stdin.isatty():
+            self._raw_terminal()  # before anything is published: keys typed from then on are never lost
+        elif keyboard:
+            self.get_logger().warning("keyboard mode needs a terminal on stdin; listening to cmd_vel only")
         group = MutuallyExclusiveCallbackGroup()
         self.gate = SafetyGate(self, self.robot, group)
         self.watchdog = Watchdog(["joint_states"], max_age)
@@ -55,12 +61,8 @@ class TeleopNode(Node):
                                  COMMAND_QOS, callback_group=group)
         self.create_service(Trigger, "~/toggle_gripper", self._on_toggle, callback_group=group)
         self.create_timer(1.0 / self.rate, self._tick, callback_group=group)
-        self._running = True
-        self._terminal = None
-        if keyboard and sys.stdin.isatty():
+        if self._terminal is not None:
             threading.Thread(target=self._keyboard, daemon=True, name="keyboard").start()
-        elif keyboard:
-            self.get_logger().warning("keyboard mode needs a terminal on stdin; listening to cmd_vel only")
 
     def _on_joints(self, msg: JointState) -> None:
         measured = joint_positions(msg, self.joints)
@@ -121,15 +123,18 @@ class TeleopNode(Node):
             target[:2] = base + offset * np.clip(radius, low, high) / radius
         return target
 
-    def _keyboard(self) -> None:
-        """Raw terminal keys: each press moves at half speed for one twist timeout (key repeat keeps it going)."""
+    def _raw_terminal(self) -> None:
+        """cbreak mode without flushing (TCSANOW): keys typed while the node starts up are kept, not discarded."""
         import termios
         import tty
 
         fd = sys.stdin.fileno()
         self._terminal = (fd, termios.tcgetattr(fd))
-        tty.setcbreak(fd)
+        tty.setcbreak(fd, termios.TCSANOW)
         print("teleop keys: w/s x, a/d y, r/f z, q/e yaw, space gripper, ctrl-c quit", file=sys.stderr)
+
+    def _keyboard(self) -> None:
+        """Raw terminal keys: each press moves at half speed for one twist timeout (key repeat keeps it going)."""
         while self._running:
             key = sys.stdin.read(1)
             if key == " ":
