@@ -2,6 +2,7 @@
 format) is loaded by configure, and each camera image becomes a multi-point JointTrajectory action chunk on the
 controller topic, through the safety layer."""
 
+import contextlib
 import json
 import os
 import random
@@ -27,6 +28,22 @@ from vla_stack.sim.robots import ROBOTS
 pytestmark = pytest.mark.timeout(120)  # a wedged graph fails the test instead of hanging the run
 
 
+@contextlib.contextmanager
+def probe_graph(domain: int, processes: list):
+    """A probe node and its executor on the graph's domain; afterwards everything is torn down, processes too."""
+    context = Context()
+    rclpy.init(context=context, domain_id=domain)
+    node = Node("probe", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    try:
+        yield node, executor
+    finally:
+        executor.shutdown(timeout_sec=2.0)
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+        stop(processes)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """Untrained weights; normalisation stats centred on each arm's home pose keep its chunks near home."""
@@ -45,26 +62,17 @@ def test_checkpoint_policy_publishes_action_chunks(checkpoint):
     env = ros_env(domain)
     sim = spawn_node("sim_node", {"robot": "panda", "task": "pick", "image_size": 64, "oracle_rate": 0.0}, env)
     policy = spawn_node("policy_node", {"robot": "panda", "policy": str(checkpoint)}, env)
-    context = Context()
-    rclpy.init(context=context, domain_id=domain)
-    node = Node("probe", context=context)
     chunks, status = [], []
-    node.create_subscription(JointTrajectory, "arm_controller/joint_trajectory",
-                             lambda m: m.points and chunks.append(m), 10)
-    node.create_subscription(String, "policy_node/status", lambda m: status.append(json.loads(m.data)), 10)
-    executor = SingleThreadedExecutor(context=context)
-    try:
+    with probe_graph(domain, [policy, sim]) as (node, executor):
+        node.create_subscription(JointTrajectory, "arm_controller/joint_trajectory",
+                                 lambda m: m.points and chunks.append(m), 10)
+        node.create_subscription(String, "policy_node/status", lambda m: status.append(json.loads(m.data)), 10)
         change_state(node, "policy_node", CONFIGURE_ACTIVATE, timeout=60.0)
         executor.add_node(node)
         threading.Thread(target=executor.spin, daemon=True).start()
         end = time.monotonic() + 30.0
         while len(chunks) < 3 and time.monotonic() < end:
             time.sleep(0.1)
-    finally:
-        executor.shutdown(timeout_sec=2.0)
-        node.destroy_node()
-        rclpy.shutdown(context=context)
-        stop([policy, sim])
     assert len(chunks) >= 3, status[-3:]
     chunk = chunks[-1]
     times = [p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in chunk.points]
@@ -89,14 +97,11 @@ def test_shipped_vla_picks_the_named_cube_through_ros_topics():
     sim = spawn_node("sim_node", {"robot": "panda", "task": "pick", "seed": 1_000_000, "image_size": 128,
                                   "oracle_rate": 0.0}, env)
     policy = spawn_node("policy_node", {"robot": "panda", "policy": "vla_tiny"}, env)
-    context = Context()
-    rclpy.init(context=context, domain_id=domain)
-    node = Node("probe", context=context)
     successes, episodes = [], []
-    node.create_subscription(Bool, "task/success", lambda m: m.data and successes.append(time.monotonic()), LATCHED_QOS)
-    node.create_subscription(String, "task/info", lambda m: episodes.append(json.loads(m.data)), LATCHED_QOS)
-    executor = SingleThreadedExecutor(context=context)
-    try:
+    with probe_graph(domain, [policy, sim]) as (node, executor):
+        node.create_subscription(Bool, "task/success", lambda m: m.data and successes.append(time.monotonic()),
+                                 LATCHED_QOS)
+        node.create_subscription(String, "task/info", lambda m: episodes.append(json.loads(m.data)), LATCHED_QOS)
         change_state(node, "policy_node", CONFIGURE_ACTIVATE, timeout=60.0)
         executor.add_node(node)
         threading.Thread(target=executor.spin, daemon=True).start()
@@ -110,10 +115,5 @@ def test_shipped_vla_picks_the_named_cube_through_ros_topics():
             assert new_episode.wait_for_service(timeout_sec=10.0)
             new_episode.call_async(Trigger.Request())
             time.sleep(0.5)
-    finally:
-        executor.shutdown(timeout_sec=2.0)
-        node.destroy_node()
-        rclpy.shutdown(context=context)
-        stop([policy, sim])
     assert successes, f"no success in {len(episodes)} episodes: {[e.get('instruction') for e in episodes]}"
     assert episodes and episodes[-1]["family"] == "pick" and episodes[-1]["seed"] >= 1_000_000
