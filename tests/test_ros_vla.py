@@ -82,7 +82,6 @@ def test_checkpoint_policy_publishes_action_chunks(checkpoint):
     assert policy.returncode == 0
 
 
-
 @pytest.mark.timeout(240)
 def test_shipped_vla_picks_the_named_cube_through_ros_topics():
     """The acceptance path: sim_node + policy_node running the shipped VLA as separate processes complete a
