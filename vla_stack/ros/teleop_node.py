@@ -124,12 +124,15 @@ class TeleopNode(Node):
         return target
 
     def _raw_terminal(self) -> None:
-        """cbreak mode without flushing (TCSANOW): keys typed while the node starts up are kept, not discarded."""
+        """cbreak mode without flushing (TCSANOW): keys typed while the node starts up are kept, not discarded.
+        Restored by close(), and at exit in case the node fails before it is fully built."""
+        import atexit
         import termios
         import tty
 
         fd = sys.stdin.fileno()
         self._terminal = (fd, termios.tcgetattr(fd))
+        atexit.register(termios.tcsetattr, fd, termios.TCSADRAIN, self._terminal[1])
         tty.setcbreak(fd, termios.TCSANOW)
         print("teleop keys: w/s x, a/d y, r/f z, q/e yaw, space gripper, ctrl-c quit", file=sys.stderr)
 
