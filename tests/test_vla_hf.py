@@ -6,7 +6,7 @@ import torch
 
 from vla_stack.errors import VlaStackError
 from vla_stack.policy.vla.configuration_vla import VlaConfig
-from vla_stack.policy.vla.modeling_vla import VlaModel
+from vla_stack.policy.vla.modeling_vla import VlaModel, euler_sample
 
 WORDS = ["pick", "up", "the", "red", "blue", "cube", "put", "in", "bowl"]
 
@@ -63,6 +63,11 @@ def test_hf_backbone_trains_and_samples(vlm_dir, dtype):
     without = model.sample_actions(batch, num_steps=3, noise=noise, use_kv_cache=False)
     assert with_cache.shape == (2, 4, 32)
     torch.testing.assert_close(with_cache, without, atol=1e-4, rtol=1e-4)
+    # the fused inference weights compute the training path's velocity (grouped-query attention, padding)
+    with torch.no_grad():
+        reference = euler_sample(lambda x, t: model.expert.velocity(cache, x, t), noise, 3)
+    tolerance = 1e-4 if dtype == "float32" else 2e-2
+    torch.testing.assert_close(with_cache, reference, atol=tolerance, rtol=tolerance)
 
 
 def test_hf_backbone_missing_dir_is_clear(tmp_path):

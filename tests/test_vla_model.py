@@ -108,6 +108,38 @@ def test_kv_cache_gives_the_same_actions_and_prefix_ignores_suffix():
     torch.testing.assert_close(c1.keys[-1], c2.keys[-1])
 
 
+def _reference_sample(model, batch, noise, rows=None):
+    """The training path's math: encode_prefix + ActionExpert.velocity, no fused weights."""
+    cache = model.encode_prefix(batch)
+    cache = cache.repeat(rows) if rows else cache
+    return euler_sample(lambda x, t: model.expert.velocity(cache, x, t), noise, model.config.num_inference_steps)
+
+
+def test_fused_inference_computes_what_the_training_path_computes():
+    torch.manual_seed(0)
+    model = VlaModel(tiny_config(image_encoder="query", keypoints=4)).eval()
+    batch = tiny_batch(model)  # two instructions of different length: padded text, masked attention
+    noise = torch.randn(2, 4, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.sample_actions(batch, noise=noise), _reference_sample(model, batch, noise),
+                                   atol=1e-4, rtol=1e-4)
+        one = tiny_batch(model, b=1)  # one observation: its padding is dropped instead of masked
+        torch.testing.assert_close(model.sample_actions(one, noise=noise[:1]), _reference_sample(model, one, noise[:1]),
+                                   atol=1e-4, rtol=1e-4)
+        many = torch.randn(3, 4, 32)  # several samples of one observation share its prefix
+        torch.testing.assert_close(model.sample_actions(one, noise=many), _reference_sample(model, one, many, rows=3),
+                                   atol=1e-4, rtol=1e-4)
+    # a training step changes the weights: the fused copy follows
+    before = model.sample_actions(one, noise=noise[:1])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model(tiny_batch(model))[0].backward()
+    optimizer.step()
+    after = model.sample_actions(one, noise=noise[:1])
+    assert not torch.allclose(before, after)
+    with torch.no_grad():
+        torch.testing.assert_close(after, _reference_sample(model, one, noise[:1]), atol=1e-4, rtol=1e-4)
+
+
 def test_inpainted_steps_are_kept():
     torch.manual_seed(0)
     model = VlaModel(tiny_config()).eval()

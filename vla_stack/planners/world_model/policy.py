@@ -30,15 +30,12 @@ def default_checkpoint() -> Path:
 
 def sample_vla_chunks(vla, obs: dict, k: int, generator: torch.Generator) -> np.ndarray:
     """K chunks (K, chunk_size, action_dim) in robot units from one observation: the prefix (images, text,
-    state) is encoded once and its KV cache repeated K times; each row gets its own noise."""
-    from vla_stack.policy.vla.modeling_vla import euler_sample
-
+    state) is encoded once and serves all K rows; each row gets its own noise."""
     cfg = vla.config
     batch = vla.batch(obs)  # validates the observation (NaN/inf -> InvalidObservationError)
     with torch.inference_mode():
-        cache = vla.model.encode_prefix(batch).repeat(k)
         noise = torch.randn(k, cfg.chunk_size, cfg.max_action_dim, generator=generator)
-        x = euler_sample(lambda x_t, t: vla.model.expert.velocity(cache, x_t, t), noise, vla.num_steps)
+        x = vla.model.sample_actions(batch, vla.num_steps, noise=noise)
     return np.stack([vla.to_robot(c) for c in x.numpy()])
 
 

@@ -74,6 +74,9 @@ class ExpertLayer(nn.Module):
         k, v = self.kv(h).view(b, t, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return k, v
 
+    def kv_of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys_values(self.norm1(x))
+
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
         h = self.norm1(x)
@@ -86,12 +89,58 @@ class ExpertLayer(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-    """Scaled dot-product attention of q over (k, v); key_mask (B, Tk) bool hides padding keys."""
-    if k.shape[1] != q.shape[1]:  # grouped-query attention (VLMs with fewer KV heads)
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """Scaled dot-product attention of q over (k, v); key_mask (B, Tk) bool hides padding keys (None: no
+    padding). Fewer KV heads than query heads is grouped-query attention (VLMs)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if key_mask is None else key_mask[:, None, None, :],
+                                          enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """x / |x| along the last dim: RMSNorm without its gain and its sqrt(width), which FusedLayer folds into
+    the next weights. RMSNorm's eps (~1e-7) changes the result by under 1e-5 relative for |x|^2 >= 1, which
+    the residual stream always is; two ops instead of five."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def _gain(norm: nn.RMSNorm) -> torch.Tensor:
+    return norm.weight * norm.weight.shape[0] ** 0.5
+
+
+class FusedLayer:
+    """An ExpertLayer's inference weights: RMSNorm gains folded into the projections after them and Q, K, V
+    in one matmul. The same function in fewer ops, which is what batch-1 latency pays for on a CPU (a small
+    op costs 5-50 us here whatever its size; the expert's Euler loop is ~300 of them)."""
+
+    def __init__(self, layer: ExpertLayer):
+        self.num_heads, self.num_kv_heads, self.head_dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
+        self.kv_only = not hasattr(layer, "q")
+        projections = [layer.kv] if self.kv_only else [layer.q, layer.kv]
+        self.w_qkv = torch.cat([p.weight for p in projections]) * _gain(layer.norm1)
+        self.b_qkv = torch.cat([p.bias for p in projections])
+        if self.kv_only:
+            return
+        self.w_out, self.b_out = layer.out.weight, layer.out.bias
+        self.w_up, self.b_up = layer.mlp[0].weight * _gain(layer.norm2), layer.mlp[0].bias
+        self.w_down, self.b_down = layer.mlp[2].weight, layer.mlp[2].bias
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return F.linear(_unit(x), self.w_qkv, self.b_qkv).view(b, t, -1, self.head_dim).transpose(1, 2)
+
+    def kv_of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self._heads(x)
+        return h[:, -2 * self.num_kv_heads:-self.num_kv_heads], h[:, -self.num_kv_heads:]
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h, n, kv = self._heads(x), self.num_heads, self.num_kv_heads
+        return h[:, :n], h[:, n:n + kv], h[:, n + kv:]
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = attended.shape
+        x = x + F.linear(attended.transpose(1, 2).reshape(b, t, -1), self.w_out, self.b_out)
+        up = F.gelu(F.linear(_unit(x), self.w_up, self.b_up), approximate="tanh")
+        return x + F.linear(up, self.w_down, self.b_down)
 
 
 def time_embedding(t: torch.Tensor, dim: int, min_period: float = 4e-3, max_period: float = 4.0) -> torch.Tensor:
@@ -255,10 +304,14 @@ class QueryEncoder(nn.Module):
         features = self.stem(torch.cat([images, self.coords.expand(images.shape[0], -1, -1, -1)], 1))
         b, c, h, w = features.shape
         queries = self.queries(text_states, text_mask)  # (B, K, C)
-        logits = queries @ self.keys(features).flatten(2) / c ** 0.5  # (B, K, H*W)
+        # The 1x1 key/value convolutions are linear, so they move onto the K queries instead of the H*W
+        # locations: logits = (q Wk) f + q.bk, and (softmax weights sum to 1) found = Wv (weights f) + bv.
+        flat = features.flatten(2)  # (B, C, H*W)
+        w_key, w_value = self.keys.weight[:, :, 0, 0], self.values.weight[:, :, 0, 0]
+        logits = ((queries @ w_key) @ flat + (queries @ self.keys.bias)[..., None]) / c ** 0.5  # (B, K, H*W)
         weights = logits.softmax(-1)
         xy = weights @ self.grid
-        found = weights @ self.values(features).flatten(2).transpose(1, 2)  # (B, K, C)
+        found = F.linear(weights @ flat.transpose(1, 2), w_value, self.values.bias)  # (B, K, C)
         peak = torch.tanh((logits.amax(-1) - logits.mean(-1))[..., None] / 4)
         keypoints = self.keypoint_embed(torch.cat([xy, peak, found], -1)) + self.keypoint_id
         if keypoints_only:
@@ -298,7 +351,8 @@ class TinyBackbone(Backbone):
         return self.text(instructions)
 
     def forward(self, images: torch.Tensor, text: dict[str, torch.Tensor],
-                memory: torch.Tensor | None = None) -> KVCache:
+                memory: torch.Tensor | None = None, layers: list | None = None) -> KVCache:
+        """`layers`: stand-ins for self.layers with the same interface (FusedLayer at inference)."""
         pixels = (images - 0.5) / 0.5
         grounding = memory_grounding = None
         if self.query:
@@ -318,16 +372,21 @@ class TinyBackbone(Backbone):
                                            text["text_mask"].repeat_interleave(k, 0), keypoints_only=True)
             image_tokens = torch.cat([image_tokens, tokens.reshape(b, -1, tokens.shape[-1]) + self.memory_pos], 1)
             memory_grounding = maps.view(b, k, *maps.shape[1:])
-        text_tokens = self.text_proj(text["text_states"]) + self.text_pos
-        x = torch.cat([image_tokens, text_tokens], 1)
-        mask = torch.cat([torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=x.device), text["text_mask"]], 1)
+        states, text_mask, text_pos = text["text_states"], text["text_mask"], self.text_pos
+        if states.shape[0] == 1:  # one instruction: its padding can simply be left out (text is left-aligned)
+            n = int(text_mask.sum())
+            states, text_mask, text_pos = states[:, :n], text_mask[:, :n], text_pos[:, :n]
+        x = torch.cat([image_tokens, self.text_proj(states) + text_pos], 1)
+        mask = torch.cat([torch.ones(image_tokens.shape[:2], dtype=torch.bool, device=x.device), text_mask], 1)
+        key_mask = None if states.shape[0] == 1 else mask
+        layers = layers or self.layers
         keys, values = [], []
-        for layer in self.layers[:-1]:
+        for layer in layers[:-1]:
             q, k, v = layer.qkv(x)
-            x = layer.finish(x, attend(q, k, v, mask))
+            x = layer.finish(x, attend(q, k, v, key_mask))
             keys.append(k)
             values.append(v)
-        k, v = self.layers[-1].keys_values(self.layers[-1].norm1(x))
+        k, v = layers[-1].kv_of(x)
         return KVCache([*keys, k], [*values, v], mask, grounding=grounding, memory_grounding=memory_grounding)
 
 
@@ -425,6 +484,74 @@ class ActionExpert(nn.Module):
         return self.action_out(self.norm(x))
 
 
+class FusedExpert:
+    """The action expert at inference: FusedLayers, action_in folded into the time MLP's first linear (whose
+    flow-time half is computed once per distinct t), and the cached prefix keys/values copied once per chunk
+    into buffers that each Euler step writes the action tokens' own keys/values into. The same function as
+    ActionExpert with a third of its ops; all rows of a call share one flow time, as in euler_sample."""
+
+    def __init__(self, expert: ActionExpert):
+        self.layers = [FusedLayer(layer) for layer in expert.layers]
+        self.state_in, self.embodiment = expert.state_in, expert.embodiment
+        w = expert.action_in.out_features
+        first, self.second = expert.time_mlp[0], expert.time_mlp[2]
+        w_action, self.w_time = first.weight[:, :w], first.weight[:, w:]
+        self.w_in = w_action @ expert.action_in.weight
+        self.b_in = w_action @ expert.action_in.bias + first.bias
+        self.action_pos = expert.action_pos
+        self.w_out, self.b_out = expert.action_out.weight * _gain(expert.norm), expert.action_out.bias
+        self._time_bias: dict[float, torch.Tensor] = {}
+
+    def add_state(self, cache: KVCache, state: torch.Tensor, state_mask: torch.Tensor,
+                  embodiment: torch.Tensor) -> KVCache:
+        x = (self.state_in(torch.cat([state, state_mask], -1)) + self.embodiment(embodiment))[:, None]
+        own = torch.ones(x.shape[0], 1, dtype=torch.bool, device=x.device)
+        key_mask = None if bool(cache.mask.all()) else torch.cat([cache.mask, own], 1)
+        keys, values = [], []
+        for i, (layer, ck, cv) in enumerate(zip(self.layers, cache.keys, cache.values)):
+            q, k, v = layer.qkv(x)
+            keys.append(k)
+            values.append(v)
+            if i + 1 < len(self.layers):  # nothing reads the state token's last output
+                x = layer.finish(x, attend(q, torch.cat([ck, k], 2), torch.cat([cv, v], 2), key_mask))
+        return cache.extend(keys, values, own)
+
+    def _time_part(self, t: float) -> torch.Tensor:
+        if t not in self._time_bias:
+            te = time_embedding(torch.tensor([t], device=self.w_time.device), self.w_time.shape[1])
+            self._time_bias[t] = F.linear(te.to(self.w_time.dtype), self.w_time, self.b_in)[0]
+        return self._time_bias[t]
+
+    def velocity_fn(self, cache: KVCache, batch_size: int, chunk: int):
+        """velocity(x_t, t) over `cache` for batch_size chunks of `chunk` steps; a one-row cache serves every
+        row (several noise draws for one observation)."""
+        keys, values, mask = cache.keys, cache.values, cache.mask
+        if mask.shape[0] not in (1, batch_size):
+            raise VlaStackError(f"a cache of {mask.shape[0]} rows cannot serve {batch_size} chunks")
+        if mask.shape[0] == 1 and not bool(mask.all()):  # one observation: drop its padding instead of masking it
+            keep = mask[0]
+            keys, values, mask = [k[:, :, keep] for k in keys], [v[:, :, keep] for v in values], mask[:, keep]
+        own = torch.ones(batch_size, chunk, dtype=torch.bool, device=mask.device)
+        key_mask = None if bool(mask.all()) else torch.cat([mask.expand(batch_size, -1), own], 1)
+        n = keys[0].shape[2]
+        buffers = []
+        for k, v in zip(keys, values):
+            kb = k.new_empty(batch_size, k.shape[1], n + chunk, k.shape[3])
+            vb = torch.empty_like(kb)
+            kb[:, :, :n], vb[:, :, :n] = k, v
+            buffers.append((kb, vb))
+        bias = self.action_pos[:, :chunk] + self.second.bias
+
+        def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            x = F.linear(F.silu(F.linear(x_t, self.w_in, self._time_part(float(t[0])))), self.second.weight) + bias
+            for layer, (kb, vb) in zip(self.layers, buffers):
+                q, kb[:, :, n:], vb[:, :, n:] = layer.qkv(x)
+                x = layer.finish(x, attend(q, kb, vb, key_mask))
+            return F.linear(_unit(x), self.w_out, self.b_out)
+
+        return velocity
+
+
 def sample_flow_time(n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """t ~ Beta(1.5, 1) * 0.999 + 0.001: more weight on the noisy end, never exactly 0 (openpi).
     Sampled as U**(1/1.5), the inverse CDF of Beta(1.5, 1), so a torch.Generator controls it."""
@@ -456,7 +583,7 @@ def euler_sample(velocity, noise: torch.Tensor, num_steps: int,
             known, d = inpaint
             x = x.clone()
             x[:, :d] = t * noise[:, :d] + (1 - t) * known[:, :d]
-        x = x + dt * velocity(x, torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype))
+        x = torch.add(x, velocity(x, torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)), alpha=dt)
     if inpaint is not None:
         x[:, :inpaint[1]] = inpaint[0][:, :inpaint[1]]
     return x
@@ -536,20 +663,45 @@ class VlaModel(nn.Module):
         return keypoint_positions(grounding.flatten(1, 2)).unflatten(1, grounding.shape[1:3])
 
     @torch.no_grad()
+    def fused(self) -> tuple[list[FusedLayer] | None, FusedExpert]:
+        """Inference weights (FusedLayer, FusedExpert), rebuilt whenever a parameter has changed: optimizer
+        steps, EMA updates and load_state_dict all bump the tensors' version counters."""
+        modules = [self.expert] + ([self.backbone.layers] if isinstance(self.backbone, TinyBackbone) else [])
+        key = tuple((p.data_ptr(), p._version) for m in modules for p in m.parameters())
+        if getattr(self, "_fused_key", None) != key:
+            layers = ([FusedLayer(layer) for layer in self.backbone.layers]
+                      if isinstance(self.backbone, TinyBackbone) else None)
+            self._fused, self._fused_key = (layers, FusedExpert(self.expert)), key
+        return self._fused
+
+    @torch.no_grad()
+    def encode_prefix_fused(self, batch: dict) -> KVCache:
+        """encode_prefix at inference: the same cache, computed with the fused weights."""
+        layers, expert = self.fused()
+        text, memory = batch["text"], batch.get("memory_images")
+        prefix = (self.backbone(batch["images"], text, memory, layers=layers) if layers is not None
+                  else self.backbone(batch["images"], text, memory))
+        return expert.add_state(prefix, batch["state"], batch["state_mask"], batch["embodiment"])
+
+    @torch.no_grad()
     def sample_actions(self, batch: dict, num_steps: int | None = None, noise: torch.Tensor | None = None,
                        use_kv_cache: bool = True, inpaint: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
         """Euler integration of the learned velocity from t=1 (noise) to t=0. Without the KV cache every step
         re-encodes the prefix (what a model without caching pays; kept to measure the cache's speed-up).
+        `noise` may have more rows than the batch has observations when that is one: several samples of it.
         `inpaint=(actions, d)`: the first d chunk steps are already committed (real-time chunking); they are
         held on the straight path between the noise and those actions so the rest of the chunk continues them."""
         cfg = self.config
         if noise is None:
             noise = torch.randn(batch["state"].shape[0], cfg.chunk_size, cfg.max_action_dim,
                                 device=batch["state"].device)
-        cache = self.encode_prefix(batch) if use_kv_cache else None
-
-        def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self.expert.velocity(cache if use_kv_cache else self.encode_prefix(batch), x_t, t)
+        _, expert = self.fused()
+        b, chunk = noise.shape[:2]
+        if use_kv_cache:
+            velocity = expert.velocity_fn(self.encode_prefix_fused(batch), b, chunk)
+        else:
+            def velocity(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return expert.velocity_fn(self.encode_prefix_fused(batch), b, chunk)(x_t, t)
 
         return euler_sample(velocity, noise, num_steps or cfg.num_inference_steps, inpaint)
 
