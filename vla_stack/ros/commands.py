@@ -193,6 +193,7 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
     node = Node("bench_ros")
     received: dict[float, float] = {}
     sources: dict[float, float] = {}
+    inference: list[float] = []  # the policy node's own inference time per command
     ticks: list[float] = []
     sim_status: dict = {}
     episodes = {"done": 0}
@@ -200,14 +201,18 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
     try:
         new_episode = node.create_client(Trigger, "sim_node/new_episode")
 
-        def on_command(msg: JointTrajectory) -> None:
+        def on_command(msg: JointTrajectory, info) -> None:
+            # the middleware's receipt time, not this callback's: a busy bench process must not add latency
             if measuring.is_set() and msg.points:
-                received[round(seconds(msg.header.stamp), 6)] = node.get_clock().now().nanoseconds * 1e-9
+                now = info["received_timestamp"] or node.get_clock().now().nanoseconds
+                received[round(seconds(msg.header.stamp), 6)] = now * 1e-9
 
         def on_status(msg: String) -> None:
             data = json.loads(msg.data)
             if "command_stamp" in data:
                 sources[round(data["command_stamp"], 6)] = data["obs_stamp"]
+                if measuring.is_set():
+                    inference.append(data["inference_ms"])
 
         def on_joints(msg: JointState) -> None:
             if measuring.is_set():
@@ -250,6 +255,7 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
         "robot": robot, "task": task, "policy": policy, "duration_s": duration, "image_size": image_size,
         "camera_rate_hz": camera_rate,
         "image_to_command_latency_ms": _percentiles(latencies),
+        "inference_ms": _percentiles(inference),
         "commands": len(received),
         "control_loop": {
             "target_hz": control_rate,
@@ -278,6 +284,9 @@ def bench_ros(
     lat, loop = result["image_to_command_latency_ms"], result["control_loop"]
     if lat["n"]:
         print(f"image-to-command latency: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms over {lat['n']} commands")
+    if result["inference_ms"]["n"]:
+        inf = result["inference_ms"]
+        print(f"  of which policy inference: p50 {inf['p50']:.1f} ms, p99 {inf['p99']:.1f} ms")
     print(f"control loop: {loop['achieved_hz']:.1f}/{loop['target_hz']:.0f} Hz, jitter p99 "
           f"{loop['jitter_ms'].get('p99', 0):.2f} ms, missed deadlines {loop['missed_deadlines']}, late ticks "
           f"{loop['late_ticks']}")

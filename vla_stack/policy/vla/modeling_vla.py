@@ -129,12 +129,10 @@ class FusedLayer:
         return F.linear(_unit(x), self.w_qkv, self.b_qkv).view(b, t, -1, self.head_dim).transpose(1, 2)
 
     def kv_of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self._heads(x)
-        return h[:, -2 * self.num_kv_heads:-self.num_kv_heads], h[:, -self.num_kv_heads:]
+        return self._heads(x).chunk(2, 1)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        h, n, kv = self._heads(x), self.num_heads, self.num_kv_heads
-        return h[:, :n], h[:, n:n + kv], h[:, n + kv:]
+        return self._heads(x).split([self.num_heads, self.num_kv_heads, self.num_kv_heads], 1)
 
     def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         b, _, t, _ = attended.shape
