@@ -129,7 +129,7 @@ class FusedLayer:
         return F.linear(_unit(x), self.w_qkv, self.b_qkv).view(b, t, -1, self.head_dim).transpose(1, 2)
 
     def kv_of(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._heads(x).chunk(2, 1)
+        return self._heads(x)[:, -2 * self.num_kv_heads:].chunk(2, 1)
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._heads(x).split([self.num_heads, self.num_kv_heads, self.num_kv_heads], 1)
