@@ -4,8 +4,10 @@ that turns SIGINT/SIGTERM into a clean shutdown."""
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -34,6 +36,18 @@ def param(node: Node, name: str, default, description: str, read_only: bool = Fa
     """Declare a parameter with a descriptor and return its value."""
     node.declare_parameter(name, default, ParameterDescriptor(description=description, read_only=read_only))
     return node.get_parameter(name).value
+
+
+def yield_to_control(niceness: int) -> None:
+    """Lower the calling thread's CPU priority (Linux nice, per thread; raising it needs no privilege) so a
+    control loop on the same cores runs first when they are busy. Best effort: a no-op where unsupported."""
+    if niceness <= 0 or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, max(niceness, os.getpriority(os.PRIO_PROCESS, tid)))
+    except OSError:
+        pass
 
 
 def seconds(stamp: Time) -> float:

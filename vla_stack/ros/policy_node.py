@@ -21,7 +21,8 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 
 from vla_stack.errors import VlaStackError
-from vla_stack.ros.common import LATCHED_QOS, PUBLISH_QOS, SENSOR_QOS, image_array, joint_positions, param, run, seconds
+from vla_stack.ros.common import (LATCHED_QOS, PUBLISH_QOS, SENSOR_QOS, image_array, joint_positions, param, run,
+                                   seconds, yield_to_control)
 from vla_stack.ros.policy_source import load_source
 from vla_stack.ros.safety_gate import SafetyGate
 from vla_stack.safety import Watchdog
@@ -49,6 +50,9 @@ class PolicyNode(LifecycleNode):
         self.inference_threads = param(self, "inference_threads", 1, "torch threads for inference (1 keeps the "
                                                                       "latency tail short beside a sim or driver on "
                                                                       "few cores; 0 = torch's default)", True)
+        self.inference_niceness = param(self, "inference_niceness", 5, "Nice value of the inference thread: a "
+                                                                        "controller or sim on the same cores comes "
+                                                                        "first (0 = unchanged)", True)
         autostart = param(self, "autostart", False, "Configure and activate on start (launch files set it; tests "
                                                     "and lifecycle managers leave it off and drive the transitions)",
                           True)
@@ -154,6 +158,7 @@ class PolicyNode(LifecycleNode):
 
     # ------------------------------------------------------------------------------------------- control
     def _control_loop(self) -> None:
+        yield_to_control(self.inference_niceness)
         while self._active:
             # Wake on a new image, when an input is about to go stale, or after one control period at most.
             expires = self.watchdog.expires()

@@ -38,6 +38,7 @@ from vla_stack.ros.common import (
     run,
     seconds,
     trajectory_arrays,
+    yield_to_control,
 )
 from vla_stack.ros.trajectory import TrajectoryFollower
 from vla_stack.sim.robots import get_robot, gripper_state
@@ -62,6 +63,9 @@ class SimNode(Node):
         controller = param(self, "controller", "arm_controller", "Arm trajectory controller name", read_only=True)
         gripper = param(self, "gripper_controller", "gripper_controller", "Gripper trajectory controller name",
                         read_only=True)
+        self.render_niceness = param(self, "render_niceness", 5, "Nice value of the render thread: the control "
+                                                                  "loop comes first on busy cores (0 = unchanged)",
+                                     read_only=True)
         self.publish_clock = param(self, "publish_clock", False, "Publish sim time on /clock and stamp with it "
                                                                   "(run the other nodes with use_sim_time)",
                                    read_only=True)
@@ -295,6 +299,7 @@ class SimNode(Node):
             self._render_request.notify()
 
     def _render_loop(self) -> None:
+        yield_to_control(self.render_niceness)
         height, width = self.sim.image_size
         renderer = mujoco.Renderer(self.sim.model, height, width)
         try:
