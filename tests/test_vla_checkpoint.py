@@ -44,6 +44,15 @@ def test_save_load_gives_identical_actions(checkpoint):
     assert [a.select_action(obs).tolist() for _ in range(5)] == [b.select_action(obs).tolist() for _ in range(5)]
 
 
+def test_warm_up_leaves_the_policy_as_it_was(checkpoint):
+    _, model = checkpoint
+    obs = observation()
+    cold = VlaPolicy(model, tiny_normalizer(), "panda", async_inference=False)
+    warm = VlaPolicy(model, tiny_normalizer(), "panda", async_inference=False)
+    warm.warm_up()
+    assert [cold.select_action(obs).tolist() for _ in range(3)] == [warm.select_action(obs).tolist() for _ in range(3)]
+
+
 def test_fp16_checkpoint_loads_close(checkpoint, tmp_path):
     path, model = checkpoint
     half = save_checkpoint(tmp_path / "half", model, tiny_normalizer(), dtype=torch.float16)

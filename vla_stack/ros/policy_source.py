@@ -102,6 +102,7 @@ class CheckpointSource:
 
         self.name = Path(path).name
         self.policy = load_vla_policy(path, robot.name, async_inference=False)
+        self.policy.warm_up()  # at configure, not on the first image
         self.instruction = None
         if planner != "none":
             from types import SimpleNamespace

@@ -85,6 +85,16 @@ class VlaPolicy:
         self._first_frame: np.ndarray | None = None
         self._steps = 0
 
+    def warm_up(self) -> None:
+        """One chunk on a blank observation, then reset: loads what loads lazily (the frozen text tower, ~4 s),
+        builds the fused inference weights and runs every kernel once, so the first real observation is not
+        seconds late (a node would hold on stale inputs meanwhile)."""
+        size = self.config.image_size
+        obs = {"images": {c: np.zeros((size, size, 3), np.uint8) for c in self.config.cameras},
+               "state": np.zeros(self.action_dim, np.float32), "instruction": self.instruction or "warm up"}
+        self._sample(self.batch(obs), None)
+        self.reset()
+
     def predict_action_chunk(self, obs: dict) -> np.ndarray:
         """(chunk_size, action_dim) absolute joint targets + gripper for this observation (recorded as this
         step's frame for the video memory)."""
