@@ -126,6 +126,7 @@ def test_tiny_model_trains_and_decodes_valid_subtasks(perturbed_store, text):
     result = fit(model, data, {"steps": 150, "batch_size": 16, "lr": 3e-3, "warmup_steps": 10, "image_shift": 0},
                  np.random.default_rng(0))
     assert result["final_loss"] < 0.3 * result["first_loss"], result
+    model.eval()  # incremental decoding runs in eval mode only (no dropout)
     subtasks, memories, p = model.generate(data.images[:8].float(), data.goals[:8], data.memories_in[:8])
     assert all(is_subtask_text(s) for s in subtasks), subtasks
     assert np.mean([s == t for s, t in zip(subtasks, data.subtasks[:8])]) >= 0.75
@@ -133,6 +134,12 @@ def test_tiny_model_trains_and_decodes_valid_subtasks(perturbed_store, text):
     # Incremental decoding with per-layer caches writes exactly what full re-decoding writes.
     full = model.generate(data.images[:8].float(), data.goals[:8], data.memories_in[:8], use_cache=False)
     assert (full[0], full[1]) == (subtasks, memories)
+    with torch.no_grad():  # and its logits are the full decoder's, padding of the encoder states included
+        states, pad = model.encode(data.images[:8].float(), data.goals[:8], data.memories_in[:8])
+        tokens = model.target_tokens(data.subtasks[:8], data.memories_in[:8])[:, :6]
+        cache = model._decode_cache(states, pad)
+        steps = torch.stack([model._decode_step(tokens[:, :i + 1], cache) for i in range(6)], 1)
+        torch.testing.assert_close(steps, model.decode_logits(tokens, states, pad), atol=1e-4, rtol=1e-4)
 
 
 def test_checkpoint_round_trip_and_corrupt_checkpoints(tmp_path, text):

@@ -241,18 +241,41 @@ class HighLevelModel(nn.Module):
         return {"loss": text_loss + completion_weight * completion_loss, "text_loss": text_loss,
                 "completion_loss": completion_loss}
 
-    def _decode_step(self, tokens: torch.Tensor, states: torch.Tensor, pad: torch.Tensor,
-                     cache: list[torch.Tensor]) -> torch.Tensor:
-        """Logits of the next token given all tokens so far, running only the newest token through the layers:
-        each layer's self-attention reads the cached (normed) inputs of the earlier positions. Equal to
-        decode_logits(tokens)[:, -1] in eval mode (no dropout)."""
-        t = tokens.shape[1]
+    def _attention_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.config.heads, -1).transpose(1, 2)
+
+    def _decode_cache(self, states: torch.Tensor, pad: torch.Tensor) -> dict:
+        """What incremental decoding reuses at every token: each layer's cross-attention keys/values of the
+        encoder states (projected once, not once per token) and its growing self-attention keys/values."""
+        w = self.config.width
+        cross = []
+        for layer in self.decoder.layers:
+            mha = layer.multihead_attn
+            k = F.linear(states, mha.in_proj_weight[w:2 * w], mha.in_proj_bias[w:2 * w])
+            v = F.linear(states, mha.in_proj_weight[2 * w:], mha.in_proj_bias[2 * w:])
+            cross.append((self._attention_heads(k), self._attention_heads(v)))
+        keep = None if not bool(pad.any()) else ~pad[:, None, None, :]
+        return {"cross": cross, "keep": keep, "self": [None] * len(self.decoder.layers)}
+
+    def _decode_step(self, tokens: torch.Tensor, cache: dict) -> torch.Tensor:
+        """Logits of the next token given all tokens so far, running only the newest token through the layers
+        (nn.TransformerDecoderLayer's norm-first math with the projections done by hand, so keys and values
+        are computed once per token). Equal to decode_logits(tokens)[:, -1] in eval mode (no dropout)."""
+        w, t = self.config.width, tokens.shape[1]
         x = self.tok_emb(tokens[:, -1:]) + self.tok_pos.weight[t - 1]
         for i, layer in enumerate(self.decoder.layers):
-            h = layer.norm1(x)
-            cache[i] = h if cache[i] is None else torch.cat([cache[i], h], dim=1)
-            x = x + layer.self_attn(h, cache[i], cache[i], need_weights=False)[0]
-            x = x + layer.multihead_attn(layer.norm2(x), states, states, key_padding_mask=pad, need_weights=False)[0]
+            sa, ca = layer.self_attn, layer.multihead_attn
+            q, k, v = (self._attention_heads(h) for h in
+                       F.linear(layer.norm1(x), sa.in_proj_weight, sa.in_proj_bias).split(w, -1))
+            past = cache["self"][i]
+            k, v = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+            cache["self"][i] = (k, v)
+            x = x + sa.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(x.shape))
+            q = self._attention_heads(F.linear(layer.norm2(x), ca.in_proj_weight[:w], ca.in_proj_bias[:w]))
+            k, v = cache["cross"][i]
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=cache["keep"])
+            x = x + ca.out_proj(attended.transpose(1, 2).reshape(x.shape))
             x = x + layer.linear2(layer.activation(layer.linear1(layer.norm3(x))))
         return self.lm_head(self.dec_norm(x))[:, -1]
 
@@ -266,10 +289,10 @@ class HighLevelModel(nn.Module):
         tokens = torch.full((b, 1), self.bos, dtype=torch.long)
         seps = torch.zeros(b, dtype=torch.long)
         finished = torch.zeros(b, dtype=torch.bool)
-        cache: list[torch.Tensor | None] = [None] * len(self.decoder.layers)
+        cache = self._decode_cache(states, pad) if use_cache and not self.training else None
         for _ in range(self.config.max_target_tokens - 1):
-            if use_cache and not self.training:
-                nxt = self._decode_step(tokens, states, pad, cache).argmax(-1)
+            if cache is not None:
+                nxt = self._decode_step(tokens, cache).argmax(-1)
             else:
                 nxt = self.decode_logits(tokens, states, pad)[:, -1].argmax(-1)
             nxt = torch.where(finished, torch.full_like(nxt, self.pad), nxt)
