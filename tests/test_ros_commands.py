@@ -32,6 +32,7 @@ def test_bench_ros_measures_latency_and_control_rate():
     assert loop["missed_deadlines"] >= 0 and "p99" in loop["jitter_ms"]
     # the policy node reports its own inference time, a part of the latency
     assert result["inference_ms"]["n"] >= 10 and result["inference_ms"]["p50"] <= latency["p50"]
+    assert 0 <= result["input_age_at_inference_ms"]["p50"] <= latency["p50"]
 
 
 @pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice is Linux/Unix only")

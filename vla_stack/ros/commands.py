@@ -194,6 +194,7 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
     received: dict[float, float] = {}
     sources: dict[float, float] = {}
     inference: list[float] = []  # the policy node's own inference time per command
+    input_age: list[float] = []  # and the age of its images when inference started (render, transport, wake)
     ticks: list[float] = []
     sim_status: dict = {}
     episodes = {"done": 0}
@@ -213,6 +214,7 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
                 sources[round(data["command_stamp"], 6)] = data["obs_stamp"]
                 if measuring.is_set():
                     inference.append(data["inference_ms"])
+                    input_age.append(data["input_age_ms"])
 
         def on_joints(msg: JointState) -> None:
             if measuring.is_set():
@@ -256,6 +258,7 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
         "camera_rate_hz": camera_rate,
         "image_to_command_latency_ms": _percentiles(latencies),
         "inference_ms": _percentiles(inference),
+        "input_age_at_inference_ms": _percentiles(input_age),
         "commands": len(received),
         "control_loop": {
             "target_hz": control_rate,
@@ -286,7 +289,9 @@ def bench_ros(
         print(f"image-to-command latency: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms over {lat['n']} commands")
     if result["inference_ms"]["n"]:
         inf = result["inference_ms"]
-        print(f"  of which policy inference: p50 {inf['p50']:.1f} ms, p99 {inf['p99']:.1f} ms")
+        age = result["input_age_at_inference_ms"]
+        print(f"  of which images' age when inference starts: p50 {age['p50']:.1f} ms, p99 {age['p99']:.1f} ms; "
+              f"policy inference: p50 {inf['p50']:.1f} ms, p99 {inf['p99']:.1f} ms")
     print(f"control loop: {loop['achieved_hz']:.1f}/{loop['target_hz']:.0f} Hz, jitter p99 "
           f"{loop['jitter_ms'].get('p99', 0):.2f} ms, missed deadlines {loop['missed_deadlines']}, late ticks "
           f"{loop['late_ticks']}")

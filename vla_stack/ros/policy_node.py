@@ -197,6 +197,8 @@ class PolicyNode(LifecycleNode):
         obs = {"images": {c: image_array(images[c]) for c in self.cameras},
                "state": np.append(q[:n], gripper_state(self.robot, q[n])).astype(np.float32),
                "instruction": self.instruction}
+        oldest_image = min(seconds(images[c].header.stamp) for c in self.cameras)
+        input_age_ms = (self.get_clock().now().nanoseconds * 1e-9 - oldest_image) * 1e3  # render, transport, wake
         start = time.perf_counter()
         try:
             chunk = self.source.chunk(obs, self._oracle)
@@ -214,9 +216,8 @@ class PolicyNode(LifecycleNode):
             if self.holding is not None:
                 self.get_logger().info("inputs fresh again: resuming control")
                 self.holding = None
-        oldest_image = min(seconds(images[c].header.stamp) for c in self.cameras)
         self._status("running" if sent else "rejected", obs_stamp=oldest_image, command_stamp=seconds(stamp),
-                     inference_ms=round(inference_ms, 3), chunk=len(chunk))
+                     input_age_ms=round(input_age_ms, 3), inference_ms=round(inference_ms, 3), chunk=len(chunk))
 
     def _status(self, state: str, **fields) -> None:
         self.status_pub.publish(String(data=json.dumps({"state": state, "commands": self.commands, **fields})))
