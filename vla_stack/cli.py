@@ -65,6 +65,8 @@ def collect(
     image_size: int = typer.Option(128, help="Square camera image size in pixels."),
     seed_start: int = typer.Option(0, help="First scene seed (collection resumes after the store's last seed)."),
     keep_failures: bool = typer.Option(False, help="Also store episodes the expert failed (flagged success=false)."),
+    arm_noise: float = typer.Option(0.0, help="DART: std (rad) of a held offset added to the executed arm targets "
+                                               "in free space; the clean expert targets are recorded."),
 ) -> None:
     """Record scripted-expert demonstrations into a crash-safe zarr episode store."""
     from vla_stack.data.collect import collect as run_collect, default_store_path
@@ -78,7 +80,7 @@ def collect(
         raise VlaStackError(f"training seeds must stay below {HELDOUT_SEED_START} (held out for evaluation)")
     path = store or default_store_path(resolve_data_dir(data_dir), task, robot)
     result = run_collect(task, robot, episodes, path, seed_start=seed_start, image_size=image_size,
-                         keep_failures=keep_failures)
+                         keep_failures=keep_failures, arm_noise=arm_noise)
     console.print(f"{result['saved']} episodes added to {result['store']} ({result['episodes_in_store']} in store, "
                   f"{result['expert_failures']} expert failures discarded)")
 

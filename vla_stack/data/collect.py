@@ -11,6 +11,7 @@ from vla_stack.data.episode_store import EpisodeStore
 from vla_stack.errors import VlaStackError
 from vla_stack.policy.scripted import ScriptedExpert
 from vla_stack.sim.env import TabletopEnv
+from vla_stack.sim.robots import TABLE_Z
 from vla_stack.sim.tabletop import CAMERAS
 
 
@@ -25,16 +26,47 @@ def store_features(env: TabletopEnv) -> dict:
     return features
 
 
+class ArmDisturbance:
+    """DART-style disturbance (Laskey et al., 2017): the arm executes the expert's joint targets plus a Gaussian
+    offset held for `hold` steps, while the episode records the clean targets. Demos then visit the off-path
+    states a learned policy drifts into, labelled with the way back (the expert plans from its own command, so
+    its targets return to the nominal path). Off once the grasp site is below half the approach height over the
+    highest free cube top: grasps and releases, where closing or opening at the wrong place teaches the wrong
+    thing, stay clean."""
+
+    def __init__(self, sigma: float, seed: int, hold: int = 4):
+        self.sigma, self.hold = sigma, hold
+        self.rng = np.random.default_rng(seed)
+        self.offset: np.ndarray | None = None
+        self.steps = 0
+
+    def __call__(self, env: TabletopEnv, action: np.ndarray) -> np.ndarray:
+        if self.steps % self.hold == 0:
+            self.offset = self.rng.normal(0.0, self.sigma, len(action) - 1)
+        self.steps += 1
+        sim, robot = env.sim, env.sim.robot
+        free_tops = [sim.cube_pos(i)[2] + robot.cube_half for i in range(sim.n_cubes)
+                     if not sim.cube_touching_robot(i)]
+        if sim.grasp_pose()[0][2] < max(free_tops, default=TABLE_Z) + 0.5 * robot.hover:
+            return action
+        disturbed = np.array(action, dtype=np.float32)
+        disturbed[:-1] += self.offset
+        return disturbed
+
+
 def default_store_path(data_dir: Path, task: str, robot: str) -> Path:
     return data_dir / "datasets" / f"{task}-{robot}.zarr"
 
 
 def collect(task: str, robot: str, episodes: int, store_path: Path, seed_start: int = 0, image_size: int = 128,
-            keep_failures: bool = False, progress: bool = True) -> dict:
+            keep_failures: bool = False, progress: bool = True, arm_noise: float = 0.0) -> dict:
     """Append `episodes` expert demonstrations. Seeds continue after the highest seed already in the store, so
-    an interrupted collection resumes without duplicating scenes."""
+    an interrupted collection resumes without duplicating scenes. `arm_noise` > 0 (rad) disturbs the executed
+    arm targets (ArmDisturbance); recorded actions stay the expert's."""
     if episodes < 1:
         raise VlaStackError("--episodes must be at least 1")
+    if not np.isfinite(arm_noise) or arm_noise < 0:
+        raise VlaStackError(f"--arm-noise must be a finite angle >= 0 (rad), got {arm_noise}")
     env = TabletopEnv(task, robot, image_size=image_size, cameras=CAMERAS)
     try:
         store = EpisodeStore.open_or_create(store_path, robot=robot, fps=int(env.control_hz),
@@ -47,7 +79,8 @@ def collect(task: str, robot: str, episodes: int, store_path: Path, seed_start: 
         while saved < episodes:
             if attempts >= 3 * episodes + 10:
                 raise VlaStackError(f"expert failed {failures} of {attempts} episodes; stopping collection")
-            success = _record_episode(env, expert, store, seed, keep_failures)
+            disturb = ArmDisturbance(arm_noise, seed) if arm_noise > 0 else None
+            success = _record_episode(env, expert, store, seed, keep_failures, disturb)
             attempts += 1
             failures += not success
             saved += success or keep_failures
@@ -62,7 +95,7 @@ def collect(task: str, robot: str, episodes: int, store_path: Path, seed_start: 
 
 
 def _record_episode(env: TabletopEnv, expert: ScriptedExpert, store: EpisodeStore, seed: int,
-                    keep_failures: bool) -> bool:
+                    keep_failures: bool, disturb: ArmDisturbance | None = None) -> bool:
     obs, info = env.reset(seed=seed)
     expert.reset(seed=seed)
     with store.begin_episode(instruction=env.instruction, subtasks=info["subtasks"], task=env.family.name,
@@ -74,11 +107,12 @@ def _record_episode(env: TabletopEnv, expert: ScriptedExpert, store: EpisodeStor
             frame.update(state=obs["state"], action=np.asarray(action, np.float32),
                          subtask_index=np.int64(info["subtask_index"]))
             writer.add_frame(frame)
-            obs, _, terminated, truncated, info = env.step(action)
+            obs, _, terminated, truncated, info = env.step(disturb(env, action) if disturb else action)
             done = terminated or truncated
         success = bool(info["success"])
         if success or keep_failures:
-            writer.commit(success=success, extra={"steps": env.steps, "clipped_actions": info["clipped_actions"]})
+            writer.commit(success=success, extra={"steps": env.steps, "clipped_actions": info["clipped_actions"],
+                                                  "arm_noise": disturb.sigma if disturb else 0.0})
         else:
             writer.discard()
     return success
