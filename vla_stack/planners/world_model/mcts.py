@@ -48,7 +48,7 @@ class _Node:
     """Per-child statistics are plain lists: nodes have <= ~16 children, where Python beats numpy's overhead."""
 
     __slots__ = ("latent", "value", "depth", "cands", "logw", "child", "n", "w", "visits", "value_sum",
-                 "prior", "prior_m")
+                 "weight", "cum_weight")
 
     def __init__(self, latent: np.ndarray, value: float, depth: int):
         self.latent, self.value, self.depth = latent, float(value), depth
@@ -59,8 +59,10 @@ class _Node:
         self.w: list[float] = []
         self.visits = 0
         self.value_sum = 0.0
-        self.prior: list[float] = []  # normalised over the first prior_m candidates
-        self.prior_m = 0
+        # unnormalised prior weights and their running sums: the prior over the first m (widened) candidates
+        # is weight[i] / cum_weight[m - 1], so widening costs nothing
+        self.weight: list[float] = []
+        self.cum_weight: list[float] = []
 
     def set_candidates(self, cands: np.ndarray, log_pi: np.ndarray | None, log_beta: np.ndarray | None) -> None:
         k = len(cands)
@@ -68,11 +70,8 @@ class _Node:
         self.logw = np.zeros(k) if log_pi is None else (np.asarray(log_pi, float) - (0 if log_beta is None else np.asarray(log_beta, float)))
         self.child = [None] * k
         self.n, self.w = [0.0] * k, [0.0] * k
-
-    def prior_over(self, m: int) -> list[float]:
-        if m != self.prior_m:
-            self.prior, self.prior_m = sampled_prior(self.logw[:m]).tolist(), m
-        return self.prior
+        weight = np.exp(self.logw - self.logw.max())
+        self.weight, self.cum_weight = weight.tolist(), np.cumsum(weight).tolist()
 
 
 def sampled_prior(log_weights: np.ndarray) -> np.ndarray:
@@ -122,19 +121,19 @@ def search(root_latent: np.ndarray, root_chunks: np.ndarray, dynamics, evaluate,
 
     def select_child(node: _Node) -> int | None:
         """PUCT over the widened children; a child being expanded in this round (_PENDING) is skipped."""
-        m = min(len(node.child), max(1, math.ceil(pw_k * node.visits ** pw_alpha)))
-        prior = node.prior_over(m)
-        n, w, child = node.n, node.w, node.child
-        fpu = node.value_sum / node.visits if node.visits else node.value
+        visits = node.visits
+        m = min(len(node.child), max(1, math.ceil(pw_k * visits ** pw_alpha)))
+        weight, n, w, child = node.weight, node.n, node.w, node.child
+        fpu = node.value_sum / visits if visits else node.value
         lo, span = minmax.lo, minmax.hi - minmax.lo
         inv = 1.0 / span if span > 0 else 0.0
-        explore = c_puct * math.sqrt(node.visits + 1)
+        explore = c_puct * math.sqrt(visits + 1) / node.cum_weight[m - 1]
         best, best_i = -math.inf, None
         for i in range(m):
             if child[i] is _PENDING:
                 continue
             ni = n[i]
-            score = ((w[i] / ni if ni else fpu) - lo) * inv + explore * prior[i] / (1 + ni)
+            score = ((w[i] / ni if ni else fpu) - lo) * inv + explore * weight[i] / (1 + ni)
             if score > best:
                 best, best_i = score, i
         return best_i
