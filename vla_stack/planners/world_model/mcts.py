@@ -64,14 +64,21 @@ class _Node:
         self.weight: list[float] = []
         self.cum_weight: list[float] = []
 
-    def set_candidates(self, cands: np.ndarray, log_pi: np.ndarray | None, log_beta: np.ndarray | None) -> None:
+    def set_candidates(self, cands: np.ndarray, logw: np.ndarray, weight: list[float], cum_weight: list[float]) -> None:
         k = len(cands)
-        self.cands = cands
-        self.logw = np.zeros(k) if log_pi is None else (np.asarray(log_pi, float) - (0 if log_beta is None else np.asarray(log_beta, float)))
+        self.cands, self.logw, self.weight, self.cum_weight = cands, logw, weight, cum_weight
         self.child = [None] * k
         self.n, self.w = [0.0] * k, [0.0] * k
-        weight = np.exp(self.logw - self.logw.max())
-        self.weight, self.cum_weight = weight.tolist(), np.cumsum(weight).tolist()
+
+
+def prior_weights(log_pi: np.ndarray | None, log_beta: np.ndarray | None, shape: tuple[int, int]):
+    """log(pi/beta) (B, n), its unnormalised weights and their running sums as nested lists: one numpy pass
+    for a whole batch of new nodes."""
+    logw = np.zeros(shape) if log_pi is None else np.asarray(log_pi, float).reshape(shape)
+    if log_pi is not None and log_beta is not None:
+        logw = logw - np.asarray(log_beta, float).reshape(shape)
+    weight = np.exp(logw - logw.max(axis=1, keepdims=True))
+    return logw, weight.tolist(), np.cumsum(weight, axis=1).tolist()
 
 
 def sampled_prior(log_weights: np.ndarray) -> np.ndarray:
@@ -111,7 +118,8 @@ def search(root_latent: np.ndarray, root_chunks: np.ndarray, dynamics, evaluate,
     if not np.all(np.isfinite(root_latent)) or not np.all(np.isfinite(root_chunks)):
         raise ValueError("search input contains NaN or inf")
     root = _Node(root_latent, float(evaluate(root_latent[None])[0]), 0)
-    root.set_candidates(root_chunks, root_log_pi, root_log_beta)
+    logw, weight, cum = prior_weights(root_log_pi, root_log_beta, (1, len(root_chunks)))
+    root.set_candidates(root_chunks, logw[0], weight[0], cum[0])
     minmax = _MinMax()
     minmax.update(root.value)
     stats = {"simulations": 0, "rollouts": 0, "model_rounds": 0, "nodes": 1, "max_depth": 0, "stopped_by": None}
@@ -188,15 +196,16 @@ def search(root_latent: np.ndarray, root_chunks: np.ndarray, dynamics, evaluate,
             depths = [p[-1][0].depth + 1 for p, _ in new]
             grow = [j for j, d in enumerate(depths) if d < cfg.max_depth]
             growing = set(grow)
-            cands = lp = lb = None
             if grow:
                 cands, lp, lb = propose(nxt[grow], cfg.children, rng)
+                cands = np.asarray(cands, np.float32)
+                logw, weight, cum = prior_weights(lp, lb, cands.shape[:2])
             g = 0
             for j, (path, k) in enumerate(new):
                 parent, i = path[-1]
                 node = _Node(nxt[j], vals[j], depths[j])
                 if j in growing:
-                    node.set_candidates(np.asarray(cands[g], np.float32), lp[g], lb[g])
+                    node.set_candidates(cands[g], logw[g], weight[g], cum[g])
                     g += 1
                 parent.child[i] = node
                 leaves[k] = (path, node)
