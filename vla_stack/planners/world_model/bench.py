@@ -25,7 +25,7 @@ def _pct(x, q):
 
 def bench_planner(checkpoint: str | Path | None = None, vla_checkpoint: str | Path | None = None,
                   task: str = "pick", decisions: int = 30, deadline_s: float = 0.15, k: int = 8,
-                  batch_size: int = 64, threads: int = 1, seconds: float = 1.0) -> dict:
+                  batch_size: int = 128, threads: int = 1, seconds: float = 1.0) -> dict:
     from vla_stack.evaluation import HELDOUT_SEED_START
     from vla_stack.paths import share_dir
     from vla_stack.planners.world_model.policy import WorldModelPlanner, default_checkpoint, sample_vla_chunks

@@ -56,7 +56,7 @@ def bench_planner_command(
     decisions: int = typer.Option(30, help="Timed planning decisions."),
     deadline_ms: float = typer.Option(150.0, help="Search deadline per decision."),
     k: int = typer.Option(8, help="VLA chunks sampled per decision (root children)."),
-    batch_size: int = typer.Option(64, help="Leaves expanded per batched model call."),
+    batch_size: int = typer.Option(128, help="Leaves expanded per batched model call."),
     threads: int = typer.Option(1, help="torch threads."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result here."),
 ) -> None:

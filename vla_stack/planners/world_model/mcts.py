@@ -31,7 +31,7 @@ import numpy as np
 class SearchConfig:
     deadline_s: float | None = 0.15
     max_simulations: int = 100_000
-    batch_size: int = 64
+    batch_size: int = 128  # a 128-row predictor call is ~1.3x the rollouts/s of a 64-row one here
     c_puct: float = 1.25
     discount: float = 0.9  # per chunk
     pw_k: float = 3.0
