@@ -53,3 +53,27 @@ def test_yield_to_control_lowers_only_the_calling_threads_priority():
     thread.join()
     assert seen["worker"] == max(7, before)
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+
+
+def test_freeze_heap_keeps_loaded_objects_out_of_collections_but_collects_new_garbage():
+    import gc
+    import weakref
+
+    from vla_stack.ros.common import freeze_heap
+
+    class Box:
+        pass
+
+    loaded = [Box() for _ in range(1000)]
+    try:
+        freeze_heap()
+        tracked = {id(o) for o in gc.get_objects()}
+        assert gc.get_freeze_count() >= len(loaded) and not any(id(o) in tracked for o in loaded)
+        cycle = Box()
+        cycle.me = cycle
+        gone = weakref.ref(cycle)
+        del cycle
+        gc.collect()
+        assert gone() is None
+    finally:
+        gc.unfreeze()

@@ -1,6 +1,8 @@
 """The tree search on hand-built toy models (no torch): it finds the branch only lookahead reveals, honours its
 deadline (on an injected clock), applies the Sampled MuZero correction and is deterministic given a seed."""
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -76,6 +78,24 @@ def test_deadline_is_honoured_on_an_injected_clock():
     assert result.stats["elapsed_s"] <= 0.155
     assert toy.calls == 15  # a 16th round of 10 ms would end at 160 ms: it is not started
     assert result.stats["simulations"] > 0
+
+
+def test_garbage_collector_paused_during_the_search_only():
+    seen = []
+
+    class Watched(Corridor):
+        def dynamics(self, z, a):
+            seen.append(gc.isenabled())
+            return super().dynamics(z, a)
+
+    toy = Watched()
+    search(np.zeros(1, np.float32), np.stack([RIGHT, LEFT]), toy.dynamics, toy.evaluate, toy.propose,
+           SearchConfig(deadline_s=None, max_simulations=20, batch_size=4))
+    assert seen and not any(seen) and gc.isenabled()
+    with pytest.raises(ValueError):  # restored on errors too
+        search(np.zeros(1, np.float32), np.full((1, 2, 1), np.nan, np.float32), toy.dynamics, toy.evaluate,
+               toy.propose)
+    assert gc.isenabled()
 
 
 def test_zero_deadline_still_returns_a_choice():

@@ -21,8 +21,8 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 
 from vla_stack.errors import VlaStackError
-from vla_stack.ros.common import (LATCHED_QOS, PUBLISH_QOS, SENSOR_QOS, image_array, joint_positions, param, run,
-                                   seconds, yield_to_control)
+from vla_stack.ros.common import (LATCHED_QOS, PUBLISH_QOS, SENSOR_QOS, freeze_heap, image_array, joint_positions,
+                                   param, run, seconds, yield_to_control)
 from vla_stack.ros.policy_source import load_source
 from vla_stack.ros.safety_gate import SafetyGate
 from vla_stack.safety import Watchdog
@@ -102,6 +102,7 @@ class PolicyNode(LifecycleNode):
         except VlaStackError as exc:
             self.get_logger().error(f"cannot load policy: {exc}")
             return TransitionCallbackReturn.FAILURE
+        freeze_heap()  # the weights and whatever loading them left behind
         self.get_logger().info(f"policy '{self.policy_name}' loaded")
         return TransitionCallbackReturn.SUCCESS
 

@@ -16,10 +16,14 @@ The root's children are given (the VLA's K sampled chunks); deeper nodes draw th
 - Anytime: stops before a round that would end past the deadline (judged by the last round's duration);
   `clock` is injectable so deadline behaviour is testable without timing.
 - Deterministic given `seed` (one numpy Generator; ties broken by index).
+- Python's cyclic garbage collector is paused during a search: the tree has no reference cycles (refcounting
+  frees it), and a full collection in a process holding torch, MuJoCo and the models (~410k objects) takes
+  ~300 ms here, twice a deadline.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from dataclasses import dataclass, field
@@ -108,7 +112,18 @@ class _MinMax:
 def search(root_latent: np.ndarray, root_chunks: np.ndarray, dynamics, evaluate, propose,
            config: SearchConfig | None = None, root_log_pi: np.ndarray | None = None,
            root_log_beta: np.ndarray | None = None, clock=time.perf_counter) -> SearchResult:
-    cfg = config or SearchConfig()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _search(root_latent, root_chunks, dynamics, evaluate, propose, config or SearchConfig(),
+                       root_log_pi, root_log_beta, clock)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _search(root_latent, root_chunks, dynamics, evaluate, propose, cfg: SearchConfig, root_log_pi, root_log_beta,
+            clock) -> SearchResult:
     start = clock()
     rng = np.random.default_rng(cfg.seed)
     root_chunks = np.asarray(root_chunks, np.float32)
