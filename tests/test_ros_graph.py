@@ -134,12 +134,15 @@ def test_camera_stop_holds_arm_within_one_control_period(graph):
 
 def check_hold(probe: Probe) -> None:
     with probe.lock:
-        stopped_at = len(probe.commands)
+        stopped_at, status_at = len(probe.commands), len(probe.status)
     assert probe.wait(lambda: any(not m.points for _, m in probe.commands[stopped_at:]), timeout=3.0), "no hold"
+    # the status saying why goes out right after the hold command, on another topic: it may arrive second
+    assert probe.wait(lambda: any(s["state"] == "holding" for _, s in probe.status[status_at:]), timeout=2.0), \
+        "no reason reported"
     with probe.lock:
         last_image = probe.images[-1][1]
         hold_time = next(t for t, m in probe.commands[stopped_at:] if not m.points)
-        reasons = next(s["reasons"] for _, s in reversed(probe.status) if s["state"] == "holding")
+        reasons = next(s["reasons"] for _, s in probe.status[status_at:] if s["state"] == "holding")
     # Stale after MAX_AGE; the worker wakes when the newest image expires (plus scheduling slack on 2 busy cores).
     late = hold_time - (last_image + MAX_AGE)
     assert late <= CONTROL_PERIOD, f"hold came {late:.3f} s after the images went stale"
