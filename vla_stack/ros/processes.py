@@ -9,10 +9,11 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import rclpy
-from lifecycle_msgs.msg import Transition
-from lifecycle_msgs.srv import ChangeState
+from lifecycle_msgs.msg import State, Transition
+from lifecycle_msgs.srv import ChangeState, GetState
 from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 
@@ -71,21 +72,46 @@ def stop(processes: list[subprocess.Popen], timeout: float = 10.0) -> None:
             process.wait()
 
 
+_REACHES = {Transition.TRANSITION_CONFIGURE: State.PRIMARY_STATE_INACTIVE,
+            Transition.TRANSITION_ACTIVATE: State.PRIMARY_STATE_ACTIVE,
+            Transition.TRANSITION_DEACTIVATE: State.PRIMARY_STATE_INACTIVE,
+            Transition.TRANSITION_CLEANUP: State.PRIMARY_STATE_UNCONFIGURED}
+
+
 def change_state(node: Node, target: str, transitions: list[int], timeout: float = 30.0) -> None:
-    """Drive the lifecycle node `target` through transitions (e.g. Transition.TRANSITION_CONFIGURE)."""
+    """Drive the lifecycle node `target` through transitions (e.g. Transition.TRANSITION_CONFIGURE). A reply can
+    be lost when the service's reply writer has not matched this client yet (wait_for_service sees only the
+    request side), so an unanswered or refused request is checked against ~/get_state, and resent if the node
+    is not there yet."""
     client = node.create_client(ChangeState, f"{target}/change_state")
+    states = node.create_client(GetState, f"{target}/get_state")
     executor = SingleThreadedExecutor(context=node.context)
+
+    def call(c, request, wait: float):
+        future = c.call_async(request)
+        rclpy.spin_until_future_complete(node, future, executor, timeout_sec=wait)
+        return future.result() if future.done() else None
+
     try:
         if not client.wait_for_service(timeout_sec=timeout):
             raise TimeoutError(f"{target}/change_state did not appear within {timeout:.0f} s")
         for transition in transitions:
-            future = client.call_async(ChangeState.Request(transition=Transition(id=transition)))
-            rclpy.spin_until_future_complete(node, future, executor, timeout_sec=timeout)
-            if future.result() is None or not future.result().success:
-                raise RuntimeError(f"{target}: lifecycle transition {transition} failed")
+            end = time.monotonic() + timeout
+            while True:
+                result = call(client, ChangeState.Request(transition=Transition(id=transition)),
+                              max(0.1, min(10.0, end - time.monotonic())))
+                if result is not None and result.success:
+                    break
+                state = call(states, GetState.Request(), 2.0) if transition in _REACHES else None
+                if state is not None and state.current_state.id == _REACHES[transition]:
+                    break  # done, though the reply was lost (or a resent request found it done)
+                if result is not None or time.monotonic() >= end:
+                    raise RuntimeError(f"{target}: lifecycle transition {transition} failed"
+                                       + ("" if result is not None else f" (no reply within {timeout:.0f} s)"))
     finally:
         executor.shutdown()
         node.destroy_client(client)
+        node.destroy_client(states)
 
 
 CONFIGURE_ACTIVATE = [Transition.TRANSITION_CONFIGURE, Transition.TRANSITION_ACTIVATE]
