@@ -134,3 +134,21 @@ def test_evaluation_loads_checkpoint_directories(checkpoint, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(VlaStackError, match="not a VLA checkpoint"):
         load_policy(str(tmp_path / "empty"), Env())
+
+
+def test_evaluation_runs_the_requested_euler_steps(checkpoint):
+    class Env:
+        class robot:
+            name = "so101"
+
+    policy = load_policy(str(checkpoint[0]), Env(), "sync", inference_steps=2)
+    steps = []
+    sample = policy.model.sample_actions
+    policy.model.sample_actions = lambda batch, num_steps=None, **kw: steps.append(num_steps) or sample(
+        batch, num_steps, **kw)
+    policy.reset(seed=0)
+    policy.select_action(observation("so101"))
+    assert steps == [2]
+    assert load_policy(str(checkpoint[0]), Env(), "sync").num_steps == policy.model.config.num_inference_steps
+    with pytest.raises(VlaStackError, match="at least 1"):
+        load_policy(str(checkpoint[0]), Env(), inference_steps=0)

@@ -92,6 +92,9 @@ def test_ros_checkpoint_source_with_the_wm_planner(env, wm_checkpoint):
     assert source.name == "vla_tiny+wm"
     with pytest.raises(VlaStackError, match="needs a checkpoint policy"):
         load_source("expert", robot, 10.0, "wm")
+    assert load_source(str(share_dir("policies") / "vla_tiny"), robot, 10.0, inference_steps=4).policy.num_steps == 4
+    with pytest.raises(VlaStackError, match="inference_steps must be at least 1"):
+        load_source(str(share_dir("policies") / "vla_tiny"), robot, 10.0, inference_steps=-1)
 
 
 def test_policy_node_planner_parameter(wm_checkpoint):

@@ -112,6 +112,8 @@ def evaluate(
                                                                   "(e.g. memory=off for the mem ablation)."),
     execution: str = typer.Option("rtc", help="How a VLA joins its chunks: rtc (async inference, real-time "
                                               "chunking), ensemble (async, temporal ensembling) or sync."),
+    inference_steps: Optional[int] = typer.Option(None, help="Euler steps per action chunk (default: the "
+                                                             "checkpoint's, 10 for the shipped VLA)."),
 ) -> None:
     """Closed-loop success rate of a policy, with a 95% Wilson interval."""
     from vla_stack.evaluation import HELDOUT_SEED_START, evaluate as run_eval
@@ -122,7 +124,7 @@ def evaluate(
     result = run_eval(policy, task, robot, episodes, seed_start=HELDOUT_SEED_START if seed_start is None else seed_start,
                       video_dir=video_dir, videos=videos, instruction=instruction, planner=planner,
                       planner_checkpoint=planner_checkpoint, planner_options=_key_values(planner_option or []),
-                      execution=execution)
+                      execution=execution, inference_steps=inference_steps)
     low, high = result["wilson_95"]
     print(f"{policy} {task}/{robot}: success {result['successes']}/{episodes} = {result['success_rate']:.1%} "
           f"(95% CI {low:.1%}-{high:.1%})")

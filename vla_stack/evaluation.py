@@ -31,12 +31,15 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 EXECUTIONS = ("rtc", "ensemble", "sync")
 
 
-def load_policy(name: str, env: TabletopEnv, execution: str = "rtc"):
+def load_policy(name: str, env: TabletopEnv, execution: str = "rtc", inference_steps: int | None = None):
     """'expert' is the scripted expert; anything else a checkpoint directory or a shipped policy's name, run
     with `execution`: rtc (async inference + real-time chunking), ensemble (async + ACT temporal ensembling)
-    or sync (inference blocks the control step, chunks join without smoothing)."""
+    or sync (inference blocks the control step, chunks join without smoothing), and `inference_steps` Euler
+    steps per chunk (default: the checkpoint's)."""
     if execution not in EXECUTIONS:
         raise VlaStackError(f"unknown execution '{execution}' (known: {', '.join(EXECUTIONS)})")
+    if inference_steps is not None and inference_steps < 1:
+        raise VlaStackError(f"--inference-steps must be at least 1, got {inference_steps}")
     if name == "expert":
         from vla_stack.policy.scripted import ScriptedExpert
 
@@ -49,8 +52,8 @@ def load_policy(name: str, env: TabletopEnv, execution: str = "rtc"):
     # The runner validates every observation (NaN/inf state or images raise InvalidObservationError) before
     # it reaches the model.
     if execution == "sync":
-        return load_vla_policy(path, env.robot.name, async_inference=False)
-    return load_vla_policy(path, env.robot.name, execution=execution)
+        return load_vla_policy(path, env.robot.name, async_inference=False, num_steps=inference_steps)
+    return load_vla_policy(path, env.robot.name, execution=execution, num_steps=inference_steps)
 
 
 def write_mp4(frames: list[np.ndarray], path: Path, fps: float) -> Path:
@@ -111,7 +114,7 @@ def evaluate(policy_name: str, task: str, robot: str, episodes: int, seed_start:
              video_dir: Path | None = None, videos: int = 1, instruction: str | None = None,
              image_size: int = 128, progress: bool = True, planner: str = "none",
              planner_checkpoint: Path | None = None, planner_options: dict | None = None,
-             execution: str = "rtc") -> dict:
+             execution: str = "rtc", inference_steps: int | None = None) -> dict:
     if episodes < 1:
         raise VlaStackError("--episodes must be at least 1")
     # The scripted expert reads the simulator state: it renders only the frames of recorded videos.
@@ -120,8 +123,8 @@ def evaluate(policy_name: str, task: str, robot: str, episodes: int, seed_start:
     try:
         from vla_stack.planners import wrap_policy
 
-        policy = wrap_policy(planner, load_policy(policy_name, env, execution), env, checkpoint=planner_checkpoint,
-                             **(planner_options or {}))
+        low_level = load_policy(policy_name, env, execution, inference_steps)
+        policy = wrap_policy(planner, low_level, env, checkpoint=planner_checkpoint, **(planner_options or {}))
         results, video_paths = [], []
         start = time.perf_counter()
         bar = tqdm(range(episodes), desc=f"eval {policy_name} {task}/{robot}", disable=not progress, unit="ep")
@@ -142,6 +145,7 @@ def evaluate(policy_name: str, task: str, robot: str, episodes: int, seed_start:
         "planner": planner,
         "planner_options": planner_options or {},
         "execution": execution if policy_name != "expert" else None,
+        "inference_steps": getattr(low_level, "num_steps", None),
         "planner_summary": policy.summary() if hasattr(policy, "summary") else None,
         "task": task,
         "robot": robot,

@@ -165,7 +165,7 @@ def _percentiles(values: list[float]) -> dict:
 
 def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str = "pick", policy: str = "expert",
                       image_size: int = 128, camera_rate: float = 10.0, control_rate: float = 50.0,
-                      domain_id: int | None = None, progress: bool = True) -> dict:
+                      inference_steps: int = 0, domain_id: int | None = None, progress: bool = True) -> dict:
     """sim_node and policy_node as separate processes; this process measures, from the messages alone:
     image-to-command latency (command receipt minus the stamp of the image it was computed from), the sim
     control loop's tick intervals (joint_states stamps) and its missed deadlines."""
@@ -187,7 +187,8 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
     processes = [
         spawn_node("sim_node", {"robot": robot, "task": task, "image_size": image_size, "camera_rate": camera_rate,
                                 "control_rate": control_rate}, env),
-        spawn_node("policy_node", {"robot": robot, "policy": policy, "control_rate": camera_rate}, env),
+        spawn_node("policy_node", {"robot": robot, "policy": policy, "control_rate": camera_rate,
+                                   "inference_steps": inference_steps}, env),
     ]
     rclpy.init()
     node = Node("bench_ros")
@@ -255,7 +256,7 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
     jitter = np.abs(intervals - period) * 1e3
     return {
         "robot": robot, "task": task, "policy": policy, "duration_s": duration, "image_size": image_size,
-        "camera_rate_hz": camera_rate,
+        "camera_rate_hz": camera_rate, "inference_steps": inference_steps or None,
         "image_to_command_latency_ms": _percentiles(latencies),
         "inference_ms": _percentiles(inference),
         "input_age_at_inference_ms": _percentiles(input_age),
@@ -281,9 +282,10 @@ def bench_ros(
     image_size: int = typer.Option(128, help="Camera image size."),
     camera_rate: float = typer.Option(10.0, help="Camera rate in Hz (the policy runs on each image)."),
     control_rate: float = typer.Option(50.0, help="Sim controller rate in Hz."),
+    inference_steps: int = typer.Option(0, help="Euler steps per chunk (0 = the checkpoint's)."),
 ) -> None:
     """Image-to-command latency p50/p99 and control-loop timing through the node graph (separate processes)."""
-    result = run_ros_benchmark(duration, robot, task, policy, image_size, camera_rate, control_rate)
+    result = run_ros_benchmark(duration, robot, task, policy, image_size, camera_rate, control_rate, inference_steps)
     lat, loop = result["image_to_command_latency_ms"], result["control_loop"]
     if lat["n"]:
         print(f"image-to-command latency: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms over {lat['n']} commands")

@@ -50,6 +50,9 @@ class PolicyNode(LifecycleNode):
         self.inference_threads = param(self, "inference_threads", 1, "torch threads for inference (1 keeps the "
                                                                       "latency tail short beside a sim or driver on "
                                                                       "few cores; 0 = torch's default)", True)
+        self.inference_steps = param(self, "inference_steps", 0, "Euler steps per action chunk of a checkpoint "
+                                                                  "policy (0 = the checkpoint's; fewer cut "
+                                                                  "inference time proportionally)", True)
         self.inference_niceness = param(self, "inference_niceness", 5, "Nice value of the inference thread: a "
                                                                         "controller or sim on the same cores comes "
                                                                         "first (0 = unchanged)", True)
@@ -98,7 +101,7 @@ class PolicyNode(LifecycleNode):
             if self.planner == "wm":
                 options["deadline_s"] = self.planner_deadline
             self.source = load_source(self.policy_name, self.robot, 1.0 / self.action_dt, self.planner,
-                                      options if self.planner != "none" else None)
+                                      options if self.planner != "none" else None, self.inference_steps or None)
         except VlaStackError as exc:
             self.get_logger().error(f"cannot load policy: {exc}")
             return TransitionCallbackReturn.FAILURE

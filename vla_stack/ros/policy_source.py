@@ -97,11 +97,12 @@ class CheckpointSource:
 
     needs_oracle = False
 
-    def __init__(self, path: str, robot: RobotSpec, planner: str = "none", planner_options: dict | None = None):
+    def __init__(self, path: str, robot: RobotSpec, planner: str = "none", planner_options: dict | None = None,
+                 inference_steps: int | None = None):
         from vla_stack.policy.vla.runner import load_vla_policy
 
         self.name = Path(path).name
-        self.policy = load_vla_policy(path, robot.name, async_inference=False)
+        self.policy = load_vla_policy(path, robot.name, async_inference=False, num_steps=inference_steps)
         self.policy.warm_up()  # at configure, not on the first image
         self.instruction = None
         if planner != "none":
@@ -127,13 +128,16 @@ class CheckpointSource:
 
 
 def load_source(policy: str, robot: RobotSpec, control_hz: float, planner: str = "none",
-                planner_options: dict | None = None):
-    """'expert' or a checkpoint directory (optionally wrapped by a planner: none, wm, mem); bad input raises
-    VlaStackError with a one-line reason."""
+                planner_options: dict | None = None, inference_steps: int | None = None):
+    """'expert' or a checkpoint directory (optionally wrapped by a planner: none, wm, mem) run with
+    `inference_steps` Euler steps per chunk (None: the checkpoint's); bad input raises VlaStackError with a
+    one-line reason."""
+    if inference_steps is not None and inference_steps < 1:
+        raise VlaStackError(f"inference_steps must be at least 1 (0 = the checkpoint's), got {inference_steps}")
     if policy == "expert":
         if planner != "none":
             raise VlaStackError(f"planner '{planner}' needs a checkpoint policy, not the scripted expert")
         return ExpertSource(robot, control_hz)
     from vla_stack.paths import resolve_checkpoint
 
-    return CheckpointSource(str(resolve_checkpoint(policy)), robot, planner, planner_options)
+    return CheckpointSource(str(resolve_checkpoint(policy)), robot, planner, planner_options, inference_steps)
