@@ -33,6 +33,7 @@ def test_bench_ros_measures_latency_and_control_rate():
     # the policy node reports its own inference time, a part of the latency
     assert result["inference_ms"]["n"] >= 10 and result["inference_ms"]["p50"] <= latency["p50"]
     assert 0 <= result["input_age_at_inference_ms"]["p50"] <= latency["p50"]
+    assert 0 <= result["machine_load"]["cpu_steal_pct"] <= 100  # what the host took meanwhile, beside the numbers
 
 
 @pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice is Linux/Unix only")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
+from vla_stack.bench import MachineLoad
 from vla_stack.errors import VlaStackError
 
 
@@ -200,6 +201,7 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
     sim_status: dict = {}
     episodes = {"done": 0}
     measuring = threading.Event()
+    load = MachineLoad()
     try:
         new_episode = node.create_client(Trigger, "sim_node/new_episode")
 
@@ -238,10 +240,11 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
         missed_before = sim_status.get("missed_deadlines", 0)
         measuring.set()
         start = time.monotonic()
-        while time.monotonic() - start < duration:
-            rclpy.spin_once(node, timeout_sec=0.05)
-            if any(p.poll() is not None for p in processes):
-                raise VlaStackError("a node process exited during the benchmark")
+        with load:
+            while time.monotonic() - start < duration:
+                rclpy.spin_once(node, timeout_sec=0.05)
+                if any(p.poll() is not None for p in processes):
+                    raise VlaStackError("a node process exited during the benchmark")
         measuring.clear()
         end = time.monotonic() + 1.5  # the last status messages
         while time.monotonic() < end:
@@ -270,6 +273,7 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
             "late_ticks": int(np.sum(intervals > 1.5 * period)),
         },
         "episodes_succeeded": episodes["done"],
+        "machine_load": load.summary(),
     }
 
 
@@ -297,4 +301,7 @@ def bench_ros(
     print(f"control loop: {loop['achieved_hz']:.1f}/{loop['target_hz']:.0f} Hz, jitter p99 "
           f"{loop['jitter_ms'].get('p99', 0):.2f} ms, missed deadlines {loop['missed_deadlines']}, late ticks "
           f"{loop['late_ticks']}")
+    if result["machine_load"]["cpu_steal_pct"] is not None:
+        print(f"while measuring: CPU steal {result['machine_load']['cpu_steal_pct']}% (the host's other guests), "
+              f"busy {result['machine_load']['cpu_busy_pct']}%, load average {result['machine_load']['load_avg_1m']}")
     _write_json(result, json_out)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vla_stack.bench import MachineLoad
 from vla_stack.planners.world_model.mcts import SearchConfig, search
 from vla_stack.planners.world_model.model import LatentSearchModel, load_world_model, param_count
 
@@ -61,38 +62,40 @@ def bench_planner(checkpoint: str | Path | None = None, vla_checkpoint: str | Pa
         search_ms, search_cpu_ms, total_ms, proposal_ms, rollouts, sims, depth = [], [], [], [], [], [], []
         obs, _ = env.reset(seed=HELDOUT_SEED_START)
         planner.reset(seed=0)
+        load = MachineLoad()
         planner.predict_action_chunk(obs)  # warm-up (lazy loads: text tower, first-call allocations), not timed
-        for i in range(decisions):
-            if i % 5 == 0:
-                obs, _ = env.reset(seed=HELDOUT_SEED_START + i // 5)
-                planner.reset(seed=i)
-            t0 = time.perf_counter()
-            chunks = sample_vla_chunks(vla, obs, k, planner._generator)
-            t1 = time.perf_counter()
-            z = planner._encode(obs)
-            with torch.inference_mode():
-                planner._goal = wm.embed_goal([obs["instruction"]])
-                norm = wm.norm_action(torch.from_numpy(chunks[:, :cfg.chunk])).numpy()
-            lsm = LatentSearchModel(wm, planner._goal)
-            t2, c2 = time.perf_counter(), time.process_time()
-            result = search(z, norm, lsm.dynamics, lsm.evaluate, lsm.propose,
-                            SearchConfig(deadline_s=deadline_s, batch_size=batch_size, seed=i))
-            t3, c3 = time.perf_counter(), time.process_time()
-            search_cpu_ms.append((c3 - c2) * 1e3)
-            for step in range(cfg.chunk):  # move on so the next decision sees a new state
-                obs, *_ = env.step(chunks[result.index, step])
-            proposal_ms.append((t1 - t0) * 1e3)
-            search_ms.append((t3 - t2) * 1e3)
-            total_ms.append((t3 - t0) * 1e3)
-            rollouts.append(result.stats["rollouts"])
-            sims.append(result.stats["simulations"])
-            depth.append(result.stats["max_depth"])
+        with load:
+            for i in range(decisions):
+                if i % 5 == 0:
+                    obs, _ = env.reset(seed=HELDOUT_SEED_START + i // 5)
+                    planner.reset(seed=i)
+                t0 = time.perf_counter()
+                chunks = sample_vla_chunks(vla, obs, k, planner._generator)
+                t1 = time.perf_counter()
+                z = planner._encode(obs)
+                with torch.inference_mode():
+                    planner._goal = wm.embed_goal([obs["instruction"]])
+                    norm = wm.norm_action(torch.from_numpy(chunks[:, :cfg.chunk])).numpy()
+                lsm = LatentSearchModel(wm, planner._goal)
+                t2, c2 = time.perf_counter(), time.process_time()
+                result = search(z, norm, lsm.dynamics, lsm.evaluate, lsm.propose,
+                                SearchConfig(deadline_s=deadline_s, batch_size=batch_size, seed=i))
+                t3, c3 = time.perf_counter(), time.process_time()
+                search_cpu_ms.append((c3 - c2) * 1e3)
+                for step in range(cfg.chunk):  # move on so the next decision sees a new state
+                    obs, *_ = env.step(chunks[result.index, step])
+                proposal_ms.append((t1 - t0) * 1e3)
+                search_ms.append((t3 - t2) * 1e3)
+                total_ms.append((t3 - t0) * 1e3)
+                rollouts.append(result.stats["rollouts"])
+                sims.append(result.stats["simulations"])
+                depth.append(result.stats["max_depth"])
     finally:
         env.close()
     return {
         "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": threads,
                     "load_average_1min": round(os.getloadavg()[0], 2), "cores": os.cpu_count(),
-                    "torch": torch.__version__},
+                    "torch": torch.__version__, "load_during_decisions": load.summary()},
         "world_model": str(wm_path), "vla": str(vla_path), "parameters": param_count(wm),
         "latent_dim": cfg.latent_dim, "chunk": cfg.chunk,
         "throughput": throughput,

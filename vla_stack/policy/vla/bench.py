@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vla_stack.bench import MachineLoad
 from vla_stack.paths import share_dir
 from vla_stack.policy.vla.checkpoint import load_checkpoint
 from vla_stack.policy.vla.runner import VlaPolicy
@@ -57,18 +58,19 @@ def bench_policy(checkpoint: str | Path | None = None, robot: str = "panda", ite
 
     # end_to_end: observation -> chunk (resize, normalise, tokens, prefix, Euler steps); model: sampling only
     latency: dict = {}
-    for name, use_cache in (("with_kv_cache", True), ("without_kv_cache", False)):
-        e2e, sampling = [], []
-        for i in range(iterations + 5):  # 5 warm-up calls
-            start = time.perf_counter()
-            batch = policy.batch(obs)
-            mid = time.perf_counter()
-            with torch.inference_mode():
-                model.sample_actions(batch, use_kv_cache=use_cache)
-            if i >= 5:
-                e2e.append(time.perf_counter() - start)
-                sampling.append(time.perf_counter() - mid)
-        latency[name] = {"end_to_end": _percentiles(e2e), "model": _percentiles(sampling)}
+    with MachineLoad() as load:
+        for name, use_cache in (("with_kv_cache", True), ("without_kv_cache", False)):
+            e2e, sampling = [], []
+            for i in range(iterations + 5):  # 5 warm-up calls
+                start = time.perf_counter()
+                batch = policy.batch(obs)
+                mid = time.perf_counter()
+                with torch.inference_mode():
+                    model.sample_actions(batch, use_kv_cache=use_cache)
+                if i >= 5:
+                    e2e.append(time.perf_counter() - start)
+                    sampling.append(time.perf_counter() - mid)
+            latency[name] = {"end_to_end": _percentiles(e2e), "model": _percentiles(sampling)}
     speedup = {kind: round(latency["without_kv_cache"][kind]["p50_ms"] / latency["with_kv_cache"][kind]["p50_ms"], 2)
                for kind in ("end_to_end", "model")}
 
@@ -119,5 +121,6 @@ def bench_policy(checkpoint: str | Path | None = None, robot: str = "panda", ite
         "inference_threads": threads,
         "train_threads": train_threads,
         "cpu": platform.processor() or platform.machine(),
+        "machine_load_during_latency": load.summary(),
         "trained_steps": meta.get("step"),
     }

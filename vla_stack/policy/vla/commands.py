@@ -42,6 +42,10 @@ def bench_policy_command(
         cached, plain = lat["with_kv_cache"][kind], lat["without_kv_cache"][kind]
         print(f"  {kind:10s} p50 {cached['p50_ms']} ms / p99 {cached['p99_ms']} ms with KV cache, "
               f"p50 {plain['p50_ms']} ms / p99 {plain['p99_ms']} ms without -> {speedup[kind]}x")
+    load = result["machine_load_during_latency"]
+    if load["cpu_steal_pct"] is not None:
+        print(f"  while timing: CPU steal {load['cpu_steal_pct']}% (the host's other guests), busy "
+              f"{load['cpu_busy_pct']}%, load average {load['load_avg_1m']}")
     print(f"train {result['train']['samples_per_s']} samples/s, {result['parameters']:,} parameters, "
           f"peak RSS {result['peak_rss_mb']} MB")
     if json_out is not None:
