@@ -1,7 +1,8 @@
-"""MachineLoad: the CPU steal and busy shares that every latency benchmark reports beside its numbers."""
+"""MachineLoad and cpu_model: the host, CPU steal and busy shares every latency benchmark reports beside its
+numbers."""
 
 import vla_stack.bench as bench
-from vla_stack.bench import MachineLoad
+from vla_stack.bench import MachineLoad, cpu_model
 
 
 def _stat(user, idle, steal):
@@ -26,3 +27,14 @@ def test_unreadable_proc_stat_gives_none_not_an_error(tmp_path, monkeypatch):
         pass
     assert load.summary()["cpu_steal_pct"] is None
     assert MachineLoad().summary()["cpu_busy_pct"] is None  # never entered
+
+
+def test_cpu_model_names_the_host_and_its_vector_isa(tmp_path, monkeypatch):
+    import torch
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\nflags\t: fpu\n")
+    monkeypatch.setattr(bench, "_PROC_CPUINFO", info)
+    assert cpu_model() == f"AMD EPYC 9B14 ({torch.backends.cpu.get_cpu_capability()})"
+    monkeypatch.setattr(bench, "_PROC_CPUINFO", tmp_path / "missing")
+    assert cpu_model().endswith(f"({torch.backends.cpu.get_cpu_capability()})")

@@ -63,6 +63,40 @@ def test_train_checkpoints_resumes_and_exports(tmp_path):
         assert all(f.get_tensor(k).dtype.itemsize == 2 for k in list(f.keys())[:5])
 
 
+def test_fine_tune_starts_from_the_checkpoint_and_keeps_its_normalisation(tmp_path):
+    import pytest
+    import torch
+
+    from vla_stack.errors import VlaStackError
+
+    train(_config(tmp_path, steps=2), progress=False)
+    base, base_norm, _ = load_checkpoint(tmp_path / "export")
+    # New demos with other statistics; lr 0 so the weights must come through the fine-tune unchanged.
+    other = _store(tmp_path / "other.zarr", episodes=3, length=8)
+    doc = yaml.safe_load(_config(tmp_path, steps=1).read_text())
+    doc["data"] = [str(other)]
+    doc["train"].update(init_from=str(tmp_path / "export"), lr=0.0, output_dir=str(tmp_path / "ft"),
+                        export_dir=str(tmp_path / "ft_export"))
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(doc))
+    result = train(tmp_path / "ft.yaml", progress=False)
+    assert result["initialised_from"] == str(tmp_path / "export")
+    tuned, tuned_norm, _ = load_checkpoint(tmp_path / "ft_export")
+    for k, v in base.state_dict().items():
+        torch.testing.assert_close(tuned.state_dict()[k], v)
+    for stat, v in base_norm.to_tensors().items():
+        torch.testing.assert_close(tuned_norm.to_tensors()[stat], v)
+
+    doc["policy"]["width"] = 64  # another network than the checkpoint's
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(VlaStackError, match="width"):
+        train(tmp_path / "bad.yaml", progress=False)
+    doc["policy"]["width"] = 32
+    doc["data"] = [str(_store(tmp_path / "panda.zarr", robot="panda"))]
+    (tmp_path / "panda.yaml").write_text(yaml.safe_dump(doc))
+    with pytest.raises(VlaStackError, match="panda"):
+        train(tmp_path / "panda.yaml", progress=False)
+
+
 def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
     config = _config(tmp_path, steps=2)
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",

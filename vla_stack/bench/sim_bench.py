@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vla_stack.bench import cpu_model
 from vla_stack.data.collect import store_features
 from vla_stack.data.episode_store import EpisodeStore
 from vla_stack.sim.env import TabletopEnv
@@ -67,5 +68,5 @@ def _bench_recording(image_size: int, frames: int = 300) -> dict:
 
 def run_sim_benchmark(seconds: float = 3.0, image_size: int = 128) -> dict:
     scenes = [_bench_scene(robot, task, seconds, image_size) for robot in ROBOTS for task in FAMILIES]
-    return {"machine": {"processor": platform.processor() or platform.machine(), "python": platform.python_version()},
+    return {"machine": {"processor": cpu_model(), "python": platform.python_version()},
             "image_size": image_size, "scenes": scenes, "recording": _bench_recording(image_size)}

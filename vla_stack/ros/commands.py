@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from vla_stack.bench import MachineLoad
+from vla_stack.bench import MachineLoad, cpu_model
 from vla_stack.errors import VlaStackError
 
 
@@ -274,6 +274,7 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
         },
         "episodes_succeeded": episodes["done"],
         "machine_load": load.summary(),
+        "cpu": cpu_model(),
     }
 
 
@@ -301,7 +302,8 @@ def bench_ros(
     print(f"control loop: {loop['achieved_hz']:.1f}/{loop['target_hz']:.0f} Hz, jitter p99 "
           f"{loop['jitter_ms'].get('p99', 0):.2f} ms, missed deadlines {loop['missed_deadlines']}, late ticks "
           f"{loop['late_ticks']}")
-    if result["machine_load"]["cpu_steal_pct"] is not None:
-        print(f"while measuring: CPU steal {result['machine_load']['cpu_steal_pct']}% (the host's other guests), "
-              f"busy {result['machine_load']['cpu_busy_pct']}%, load average {result['machine_load']['load_avg_1m']}")
+    load = result["machine_load"]
+    if load["cpu_steal_pct"] is not None:
+        print(f"while measuring on {result['cpu']}: CPU steal {load['cpu_steal_pct']}% (the host's other guests), "
+              f"busy {load['cpu_busy_pct']}%, load average {load['load_avg_1m']}")
     _write_json(result, json_out)

@@ -8,14 +8,13 @@
 from __future__ import annotations
 
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from vla_stack.bench import MachineLoad
+from vla_stack.bench import MachineLoad, cpu_model
 from vla_stack.planners.world_model.mcts import SearchConfig, search
 from vla_stack.planners.world_model.model import LatentSearchModel, load_world_model, param_count
 
@@ -93,7 +92,7 @@ def bench_planner(checkpoint: str | Path | None = None, vla_checkpoint: str | Pa
     finally:
         env.close()
     return {
-        "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": threads,
+        "machine": {"cpu": cpu_model(), "torch_threads": threads,
                     "load_average_1min": round(os.getloadavg()[0], 2), "cores": os.cpu_count(),
                     "torch": torch.__version__, "load_during_decisions": load.summary()},
         "world_model": str(wm_path), "vla": str(vla_path), "parameters": param_count(wm),

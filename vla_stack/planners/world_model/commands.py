@@ -85,7 +85,8 @@ def bench_planner_command(
     table.add_row("latent rollouts / decision", str(d["rollouts_p50"]), f"min {d['rollouts_min']} / max {d['rollouts_max']}")
     table.add_row("decisions with >= 1000 rollouts", f"{d['decisions_with_1000_rollouts']}/{d['count']}", "")
     Console().print(table)
-    print(f"1-min load average {r['machine']['load_average_1min']} on {r['machine']['cores']} cores")
+    print(f"1-min load average {r['machine']['load_average_1min']} on {r['machine']['cores']} cores "
+          f"of {r['machine']['cpu']}")
     load = r["machine"]["load_during_decisions"]
     if load["cpu_steal_pct"] is not None:
         print(f"during the decisions: CPU steal {load['cpu_steal_pct']}% (the host's other guests), "

@@ -5,7 +5,6 @@ with and without the prefix KV cache in the same run; plus train samples/s, para
 from __future__ import annotations
 
 import copy
-import platform
 import resource
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vla_stack.bench import MachineLoad
+from vla_stack.bench import MachineLoad, cpu_model
 from vla_stack.paths import share_dir
 from vla_stack.policy.vla.checkpoint import load_checkpoint
 from vla_stack.policy.vla.runner import VlaPolicy
@@ -120,7 +119,7 @@ def bench_policy(checkpoint: str | Path | None = None, robot: str = "panda", ite
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "inference_threads": threads,
         "train_threads": train_threads,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "machine_load_during_latency": load.summary(),
         "trained_steps": meta.get("step"),
     }

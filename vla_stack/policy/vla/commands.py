@@ -44,8 +44,8 @@ def bench_policy_command(
               f"p50 {plain['p50_ms']} ms / p99 {plain['p99_ms']} ms without -> {speedup[kind]}x")
     load = result["machine_load_during_latency"]
     if load["cpu_steal_pct"] is not None:
-        print(f"  while timing: CPU steal {load['cpu_steal_pct']}% (the host's other guests), busy "
-              f"{load['cpu_busy_pct']}%, load average {load['load_avg_1m']}")
+        print(f"  while timing on {result['cpu']}: CPU steal {load['cpu_steal_pct']}% (the host's other guests), "
+              f"busy {load['cpu_busy_pct']}%, load average {load['load_avg_1m']}")
     print(f"train {result['train']['samples_per_s']} samples/s, {result['parameters']:,} parameters, "
           f"peak RSS {result['peak_rss_mb']} MB")
     if json_out is not None:

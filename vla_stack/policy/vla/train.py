@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from vla_stack.errors import VlaStackError
 from vla_stack.paths import resolve_data_path
-from vla_stack.policy.vla.checkpoint import save_checkpoint
+from vla_stack.policy.vla.checkpoint import load_checkpoint, save_checkpoint
 from vla_stack.policy.vla.configuration_vla import VlaConfig
 from vla_stack.policy.vla.dataset import ChunkDataset, dataset_stats, load_source
 from vla_stack.policy.vla.modeling_vla import VlaModel
@@ -51,6 +51,9 @@ class TrainConfig:
     seed: int = 0
     num_threads: int | None = None  # torch threads per process (default: cores / processes)
     max_minutes: float | None = None  # stop (and save) after this wall time, e.g. on a shared machine
+    # Fine-tune: start from this checkpoint's weights and normalisation (e.g. policies/vla_tiny on your own
+    # demos) instead of from scratch. Relative to the working directory, like export_dir.
+    init_from: str | None = None
 
 
 def load_yaml(path: str | Path, data_dir: str | Path | None = None) -> tuple[VlaConfig, list[str], TrainConfig]:
@@ -79,6 +82,22 @@ def load_yaml(path: str | Path, data_dir: str | Path | None = None) -> tuple[Vla
         raise VlaStackError(f"{path}: data source(s) not found: {', '.join(missing)} (relative paths are under the "
                             "data dir: pass --data-dir or set VLA_STACK_DATA_DIR)")
     return VlaConfig.from_dict(doc["policy"]), sources, train
+
+
+# Fields a fine-tune may change: they steer inference or the training loss, not the weights' shapes.
+RUNTIME_FIELDS = {"n_action_steps", "num_inference_steps", "hf_path", "aux_weight"}
+
+
+def start_from_checkpoint(policy_cfg: VlaConfig, path: str) -> tuple[VlaModel, Normalizer]:
+    """The checkpoint's model (fp32, train mode) and normaliser, after checking the YAML's policy: section
+    describes the same network: a silent mismatch would train something else than the user asked for."""
+    model, normalizer, _ = load_checkpoint(path, {k: getattr(policy_cfg, k) for k in RUNTIME_FIELDS})
+    ours, theirs = policy_cfg.to_dict(), model.config.to_dict()
+    differ = sorted(k for k in ours if k not in RUNTIME_FIELDS | {"embodiments"} and ours[k] != theirs[k])
+    if differ:
+        raise VlaStackError(f"init_from {path}: the policy: section differs from the checkpoint in "
+                            f"{', '.join(f'{k} ({ours[k]!r} vs {theirs[k]!r})' for k in differ)}")
+    return model.float().train(), normalizer
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:
@@ -127,15 +146,25 @@ def train(config_path: str | Path, resume: bool = False, progress: bool = True,
     out = Path(cfg.output_dir)
 
     episodes = [e for s in sources for e in load_source(s, policy_cfg.cameras, policy_cfg.image_size)]
-    if not policy_cfg.embodiments:
-        from vla_stack.sim.robots import get_robot
+    if cfg.init_from:
+        model, normalizer = start_from_checkpoint(policy_cfg, cfg.init_from)
+        policy_cfg = model.config
+        unknown = sorted({e.robot for e in episodes} - set(policy_cfg.embodiments))
+        if unknown:
+            raise VlaStackError(f"init_from {cfg.init_from} knows robots {', '.join(policy_cfg.embodiments)}; "
+                                f"the data also has {', '.join(unknown)} (train that embodiment from scratch)")
+    else:
+        if not policy_cfg.embodiments:
+            from vla_stack.sim.robots import get_robot
 
-        policy_cfg.embodiments = {r: list(get_robot(r).joint_names) for r in sorted({e.robot for e in episodes})}
-    normalizer = Normalizer(dataset_stats(episodes), policy_cfg.normalization)
+            policy_cfg.embodiments = {r: list(get_robot(r).joint_names)
+                                      for r in sorted({e.robot for e in episodes})}
+        normalizer = Normalizer(dataset_stats(episodes), policy_cfg.normalization)
+        model = VlaModel(policy_cfg)
     data = ChunkDataset(episodes, policy_cfg, normalizer)
     del episodes
 
-    model = VlaModel(policy_cfg).to(device)
+    model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = make_optimizer(model, cfg)
     step = 0
@@ -200,7 +229,7 @@ def train(config_path: str | Path, resume: bool = False, progress: bool = True,
             break
     bar.close()
     result = {"steps": step, "samples_per_s": round(samples / max(1e-9, time.perf_counter() - start), 2),
-              "resumed_from": start_step, "parameters": sum(p.numel() for p in model.parameters()),
+              "resumed_from": start_step, "initialised_from": cfg.init_from, "parameters": sum(p.numel() for p in model.parameters()),
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               "checkpoint": str(out / "checkpoint"), "world_size": world, "rank": rank}
     if world > 1:
