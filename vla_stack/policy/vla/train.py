@@ -1,5 +1,5 @@
-"""Training loop: AdamW + warmup/cosine, EMA, gradient clipping, periodic checkpoints, resume, and DDP under
-torchrun (gloo on CPU, nccl on GPU). Config is one YAML file: `policy:` (VlaConfig), `data:` (store paths),
+"""Training loop: AdamW + warmup/cosine, EMA, gradient clipping, periodic checkpoints, resume, fine-tuning from a
+checkpoint (`init_from`), and DDP under torchrun (gloo on CPU, nccl on GPU). Config is one YAML file: `policy:` (VlaConfig), `data:` (store paths),
 `train:` (TrainConfig)."""
 
 from __future__ import annotations
@@ -229,7 +229,8 @@ def train(config_path: str | Path, resume: bool = False, progress: bool = True,
             break
     bar.close()
     result = {"steps": step, "samples_per_s": round(samples / max(1e-9, time.perf_counter() - start), 2),
-              "resumed_from": start_step, "initialised_from": cfg.init_from, "parameters": sum(p.numel() for p in model.parameters()),
+              "resumed_from": start_step, "initialised_from": cfg.init_from,
+              "parameters": sum(p.numel() for p in model.parameters()),
               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               "checkpoint": str(out / "checkpoint"), "world_size": world, "rank": rank}
     if world > 1:
