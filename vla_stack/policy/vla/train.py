@@ -1,6 +1,6 @@
 """Training loop: AdamW + warmup/cosine, EMA, gradient clipping, periodic checkpoints, resume, fine-tuning from a
-checkpoint (`init_from`), and DDP under torchrun (gloo on CPU, nccl on GPU). Config is one YAML file: `policy:` (VlaConfig), `data:` (store paths),
-`train:` (TrainConfig)."""
+checkpoint (`init_from`), and DDP under torchrun (gloo on CPU, nccl on GPU). Config is one YAML file: `policy:`
+(VlaConfig), `data:` (store paths), `train:` (TrainConfig)."""
 
 from __future__ import annotations
 
