@@ -11,7 +11,7 @@ import torch
 from vla_stack.errors import VlaStackError
 from vla_stack.planners.mem.data import DropInjector, build_samples, collect_mem
 from vla_stack.planners.mem.memory import EMPTY, InvalidMemoryError, TaskMemory, is_memory_text, is_subtask_text
-from vla_stack.planners.mem.model import CheckpointError, HighLevelModel, MemConfig, MiniLMText, load_model
+from vla_stack.planners.mem.model import CheckpointError, HighLevelModel, MemConfig, MiniLMText, context, load_model
 from vla_stack.planners.mem.policy import MemPlanner, SubtaskExpert, make_policy
 from vla_stack.planners.mem.train import SampleSet, fit
 from vla_stack.policy.scripted import ScriptedExpert
@@ -117,6 +117,26 @@ def test_training_samples_from_a_perturbed_store(perturbed_store):
     assert first and all(s.memory_out == memory.label(0) for s in first)
 
 
+def test_hard_negatives_come_from_just_before_a_completion(perturbed_store):
+    """`steady_before_boundary` samples: frames shortly before a subtask completes, labelled not stale."""
+    from vla_stack.data.episode_store import EpisodeStore
+    from vla_stack.planners.mem.data import LATE_GAP, LATE_WINDOW
+
+    store = EpisodeStore.open(perturbed_store)
+    done = store.episode_arrays(0)["subtask_index"][...]
+    completions = [t for t in range(1, len(done)) if done[t] > done[t - 1]]
+    samples = build_samples([perturbed_store], progress=False, steady_before_boundary=3)
+    late = [s for s in samples if s.kind == "late"]
+    assert len(late) == 3 * len(completions)
+    frames = store.episode_arrays(0)["images.front"][...]
+    for s in late:
+        t = next(t for t in range(len(frames)) if np.array_equal(frames[t], s.image))
+        stop = min(c for c in completions if c > t)
+        assert stop - LATE_WINDOW <= t < stop - LATE_GAP
+        assert not s.stale and s.memory_in == s.memory_out
+    assert "late" not in {s.kind for s in build_samples([perturbed_store], progress=False)}
+
+
 # ------------------------------------------------------------------------------------------- model
 def test_tiny_model_trains_and_decodes_valid_subtasks(perturbed_store, text):
     torch.manual_seed(0)
@@ -140,6 +160,22 @@ def test_tiny_model_trains_and_decodes_valid_subtasks(perturbed_store, text):
         cache = model._decode_cache(states, pad)
         steps = torch.stack([model._decode_step(tokens[:, :i + 1], cache) for i in range(6)], 1)
         torch.testing.assert_close(steps, model.decode_logits(tokens, states, pad), atol=1e-4, rtol=1e-4)
+
+
+def test_conv_stem_encoder_learns_and_round_trips(perturbed_store, tmp_path, text):
+    """`encoder: conv` (the VLA's conv stem + coordinate channels): one token per patch x patch pixels."""
+    torch.manual_seed(0)
+    model = HighLevelModel(MemConfig(**{**TINY, "encoder": "conv"}), text=text)
+    data = SampleSet(build_samples([perturbed_store], progress=False), model.config.image_size)
+    assert model.patch(data.images[:2].float()).shape == (2, (32 // 8) ** 2, 32)  # a 4x4 token grid, width 32
+    result = fit(model, data, {"steps": 120, "batch_size": 16, "lr": 3e-3, "warmup_steps": 10, "image_shift": 0},
+                 np.random.default_rng(0))
+    assert result["final_loss"] < 0.3 * result["first_loss"], result
+    loaded = load_model(model.save(tmp_path / "conv"), text=text)
+    batch = (data.images[:4].float(), data.goals[:4], data.memories_in[:4])
+    assert loaded.generate(*batch)[:2] == model.eval().generate(*batch)[:2]
+    with pytest.raises(VlaStackError, match="unknown high-level image encoder"):
+        HighLevelModel(MemConfig(**{**TINY, "encoder": "vit"}), text=text)
 
 
 def test_checkpoint_round_trip_and_corrupt_checkpoints(tmp_path, text):
@@ -187,6 +223,38 @@ def test_planner_resets_and_logs_garbled_memory(tmp_path, text, caplog):
     image = np.zeros((64, 64, 3), np.uint8)
     calls = sum(planner.update(image, task.instruction) for _ in range(12))
     assert calls >= 1 and is_memory_text(planner.memory)
+
+
+def test_running_subtask_reaches_the_model_in_training_and_in_the_loop(perturbed_store, text):
+    """A `running_subtask` model reads the memory plus the subtask the low level runs: the samples name it (the one
+    just finished on boundary samples, nothing before the first call), the planner feeds the one it handed down."""
+    task = generate("restore", PANDA, 3)
+    memory = TaskMemory(task, PANDA)
+    samples = build_samples([perturbed_store], progress=False)
+    for s in samples:
+        if s.kind == "boundary":
+            k = memory.labels().index(s.memory_out)
+            assert s.running == ("" if k == 0 else memory.subtask(k - 1))
+        else:
+            assert s.running == s.subtask
+    model = HighLevelModel(MemConfig(**TINY, running_subtask=True), text=text)
+    data = SampleSet(samples, model.config.image_size, running_subtask=True)
+    steady = next(i for i, s in enumerate(samples) if s.kind == "steady")
+    assert data.memories_in[steady] == f"{samples[steady].memory_in}; now {samples[steady].subtask}"
+    assert SampleSet(samples, 32, use_memory=False, running_subtask=True).memories_in == [EMPTY] * len(samples)
+    assert context(EMPTY, "pick up the red cube") == "now pick up the red cube" and context("x", None) == "x"
+
+    seen = []
+    original = model.generate
+    model.generate = lambda images, goals, memories, **kw: seen.append(memories[0]) or original(images, goals, memories)
+    planner = MemPlanner(None, None, model, check_every=1, replan_steps=1)
+    planner.set_scene(task, PANDA)
+    image = np.zeros((64, 64, 3), np.uint8)
+    planner.update(image, task.instruction)
+    assert seen == [EMPTY]  # nothing handed down yet
+    planner.memory, planner.subtask, planner.running = memory.label(0), "done", task.subtasks[0].text
+    planner.update(image, task.instruction)  # a stall call (replan_steps=1)
+    assert seen[1] == f"{memory.label(0)}; now {task.subtasks[0].text}"  # 'done' is not a running subtask
 
 
 def test_make_policy_options_and_subtask_executor(tmp_path, text):

@@ -12,9 +12,13 @@ Labels are programmatic (`memory.TaskMemory`), rebuilt from each episode's seed.
 - boundary ("stale") samples: the first frames after a subtask finished, fed the *previous* memory (or the empty
   memory at the episode start); target = next subtask + updated memory; completion label 1.
 - steady samples: frames inside a subtask (perturbed frames included) fed the current memory; target unchanged
-  memory and the same subtask; completion label 0.
+  memory and the same subtask; completion label 0. `steady_before_boundary` more of them come from the
+  16 frames before a completion (cube carried over or dropped into its goal, the gripper still closed or just
+  opening): the hard negatives of the completion head, which otherwise fires while the cube is still carried.
 - reset samples (sort only, where the scene shows all outcomes): a frame fed the empty memory; target the true
   memory, so a memory reset after a garbled string recovers.
+Each sample also names the subtask the low level runs at its frame (`running`: the one just finished on boundary
+samples, '' at the episode start), for models that read it (`MemConfig.running_subtask`).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class Sample:
     after_failure: bool = False  # an injected drop happened earlier in this episode
     valid_subtasks: tuple[str, ...] = ()  # every correct next subtask (sort: any unsorted cube)
     family: str = ""
+    running: str = ""  # the subtask the low level runs at this frame ('' before the first high-level call)
 
 
 # ------------------------------------------------------------------------------------------- collection
@@ -152,8 +157,12 @@ def _completed(store: EpisodeStore, index: int, subtask_index: np.ndarray, n: in
     return counts
 
 
+LATE_WINDOW, LATE_GAP = 16, 2  # hard negatives: frames [completion - 16, completion - 2)
+
+
 def episode_samples(store: EpisodeStore, index: int, rng: np.random.Generator, boundary_frames: int = 4,
-                    steady_per_subtask: int = 4, reset_samples: int = 2) -> list[Sample]:
+                    steady_per_subtask: int = 4, reset_samples: int = 2,
+                    steady_before_boundary: int = 0) -> list[Sample]:
     meta = store.episode_meta(index)
     if meta.seed is None:
         raise VlaStackError(f"episode {index} of {store.path} has no seed: its memory labels cannot be rebuilt")
@@ -173,24 +182,30 @@ def episode_samples(store: EpisodeStore, index: int, rng: np.random.Generator, b
 
     drop_step = meta.extra.get("drop_step")
 
-    def add(t: int, memory_in: str, k: int, stale: bool, kind: str) -> None:
+    def add(t: int, memory_in: str, k: int, stale: bool, kind: str, running: str) -> None:
         samples.append(Sample(np.asarray(images[t]), goal, memory_in, mem.subtask(k), mem.label(k), stale, index, kind,
                               after_failure=drop_step is not None and t >= drop_step,
-                              valid_subtasks=tuple(mem.valid_next(set(range(k)))), family=task.family))
+                              valid_subtasks=tuple(mem.valid_next(set(range(k)))), family=task.family,
+                              running=running))
 
     starts = [0] + [t for t in range(1, len(done)) if done[t] > done[t - 1]]
     for start in starts:
         k = int(done[start])
         stop = next((t for t in range(start + 1, len(done)) if done[t] != k), len(done))
         previous = EMPTY if start == 0 else mem.label(int(done[start - 1]))
+        just_done = "" if start == 0 else mem.subtask(int(done[start - 1]))  # still what the low level runs
         for t in range(start, min(stop, start + boundary_frames)):
-            add(t, previous, k, True, "boundary")
+            add(t, previous, k, True, "boundary", just_done)
         if stop - start > 1:
             for t in rng.choice(np.arange(start, stop), size=min(steady_per_subtask, stop - start), replace=False):
-                add(int(t), mem.label(k), k, False, "steady")
+                add(int(t), mem.label(k), k, False, "steady", mem.subtask(k))
+        late = np.arange(max(start + 1, stop - LATE_WINDOW), stop - LATE_GAP)
+        if steady_before_boundary and stop < len(done) and len(late):
+            for t in rng.choice(late, size=min(steady_before_boundary, len(late)), replace=False):
+                add(int(t), mem.label(k), k, False, "late", mem.subtask(k))
     if task.family == "sort":
         for t in rng.choice(len(done), size=min(reset_samples, len(done)), replace=False):
-            add(int(t), EMPTY, int(done[t]), True, "reset")
+            add(int(t), EMPTY, int(done[t]), True, "reset", mem.subtask(int(done[t])))
     return samples
 
 

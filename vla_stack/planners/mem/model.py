@@ -1,7 +1,9 @@
 """The high-level model: (goal text, memory text, front image) -> (next subtask, updated memory) as text, plus a
 completion head.
 
-Same design ideas as the tiny VLA backbone: a patch encoder over the current front image (64 px, 8x8 patches),
+Same design ideas as the tiny VLA backbone: an image encoder over the current front image (`encoder: conv`, the
+VLA's hybrid stem: stride-2 convolutions with pixel-coordinate channels, then one token per `patch` x `patch`
+pixels; `encoder: patch`, a plain linear patchify),
 frozen all-MiniLM-L6-v2 token states for the goal and the memory (projected to the model width), a small
 transformer encoder over [CLS, image patches, goal tokens, memory tokens], and a small transformer decoder that
 writes "[CLS] subtask [SEP] memory [SEP]" token by token with MiniLM's WordPiece tokenizer (loaded offline with
@@ -44,6 +46,7 @@ class CheckpointError(VlaStackError):
 class MemConfig:
     image_size: int = 64
     patch: int = 8
+    encoder: str = "patch"  # patch (linear patchify) | conv (the VLA's conv stem + CoordConv)
     width: int = 128
     encoder_layers: int = 2
     decoder_layers: int = 2
@@ -53,6 +56,7 @@ class MemConfig:
     max_goal_tokens: int = 24
     max_memory_tokens: int = 40
     max_target_tokens: int = 56
+    running_subtask: bool = False  # the memory input also names the subtask the low level is running (`context`)
     vocab: list[int] = field(default_factory=list)  # WordPiece ids the decoder can emit (specials first)
 
     @classmethod
@@ -98,6 +102,15 @@ def build_vocab() -> list[int]:
     ids = {i for text in grammar_texts() for i in tok(text, add_special_tokens=False)["input_ids"]}
     specials = [tok.pad_token_id, tok.cls_token_id, tok.sep_token_id]
     return specials + sorted(ids - set(specials))
+
+
+def context(memory: str, running: str | None) -> str:
+    """The memory input of a `running_subtask` model: the memory plus the subtask the high level last handed the
+    low level. With it a boundary's update is "the running subtask's outcome happened", which the image only has
+    to confirm, instead of reading from the image which of three cubes just landed."""
+    if not running:
+        return memory
+    return f"{memory}; now {running}" if memory else f"now {running}"
 
 
 def clean_decoded(text: str) -> str:
@@ -163,9 +176,16 @@ class HighLevelModel(nn.Module):
         self.config = config
         w = config.width
         self.text = text or MiniLMText()
-        n_patches = (config.image_size // config.patch) ** 2
-        self.patch = nn.Conv2d(3, w, config.patch, config.patch)
-        self.image_pos = nn.Parameter(torch.randn(n_patches, w) * 0.02)
+        grid = config.image_size // config.patch
+        if config.encoder == "conv":
+            from vla_stack.policy.vla.modeling_vla import PatchEncoder
+
+            self.patch = PatchEncoder(config.image_size, grid, w)
+        elif config.encoder == "patch":
+            self.patch = nn.Conv2d(3, w, config.patch, config.patch)
+        else:
+            raise VlaStackError(f"unknown high-level image encoder {config.encoder!r} (patch or conv)")
+        self.image_pos = nn.Parameter(torch.randn(grid * grid, w) * 0.02)
         self.text_proj = nn.Linear(MINILM_DIM, w)
         self.segment = nn.Embedding(3, w)  # image, goal, memory
         self.cls = nn.Parameter(torch.zeros(1, 1, w))
@@ -196,7 +216,10 @@ class HighLevelModel(nn.Module):
         """images: prepared (B, 3, S, S). Returns encoder states (B, N, w) and key padding mask (B, N)."""
         cfg = self.config
         b = images.shape[0]
-        patches = self.patch(images).flatten(2).transpose(1, 2) + self.image_pos + self.segment.weight[0]
+        patches = self.patch(images)
+        if self.config.encoder == "patch":
+            patches = patches.flatten(2).transpose(1, 2)
+        patches = patches + self.image_pos + self.segment.weight[0]
         goal, goal_pad = _trim(*self.text.encode(goals, cfg.max_goal_tokens))
         memory, memory_pad = _trim(*self.text.encode(memories, cfg.max_memory_tokens))
         goal = self.text_proj(goal) + self.segment.weight[1]

@@ -2,7 +2,8 @@
 
 YAML config (policies/mem_tiny.yaml):
     model: {width, encoder_layers, decoder_layers, heads, image_size, patch, ...}   (MemConfig fields)
-    data:  {train: [stores], heldout: [stores], boundary_frames, steady_per_subtask, reset_samples}
+    data:  {train: [stores], heldout: [stores], boundary_frames, steady_per_subtask, reset_samples,
+            steady_before_boundary}
     train: {output_dir, export_dir, steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, image_shift,
             use_memory, seed, max_minutes, eval_every}
 `use_memory: false` trains the no-memory ablation: every sample is fed the empty memory.
@@ -26,13 +27,13 @@ from vla_stack.errors import VlaStackError
 from vla_stack.paths import resolve_data_path
 from vla_stack.planners.mem.data import Sample, build_samples
 from vla_stack.planners.mem.memory import EMPTY, canonical
-from vla_stack.planners.mem.model import HighLevelModel, MemConfig, MiniLMText, prepare_images
+from vla_stack.planners.mem.model import HighLevelModel, MemConfig, MiniLMText, context, prepare_images
 
 TRAIN_DEFAULTS = {"output_dir": None, "export_dir": None, "steps": 3000, "batch_size": 64, "lr": 1e-3,
                   "warmup_steps": 100, "weight_decay": 1e-4, "grad_clip": 1.0, "image_shift": 4, "use_memory": True,
                   "seed": 0, "max_minutes": 30.0, "eval_every": 0, "completion_weight": 0.5}
 DATA_DEFAULTS = {"train": [], "heldout": [], "heldout_last": 0, "boundary_frames": 4, "steady_per_subtask": 4,
-                 "reset_samples": 2, "max_episodes": None}
+                 "reset_samples": 2, "steady_before_boundary": 0, "max_episodes": None}
 
 
 def load_config(path: Path) -> dict:
@@ -60,7 +61,7 @@ def load_config(path: Path) -> dict:
 class SampleSet:
     """Samples with their images resized once (float16, model resolution)."""
 
-    def __init__(self, samples: list[Sample], image_size: int, use_memory: bool = True):
+    def __init__(self, samples: list[Sample], image_size: int, use_memory: bool = True, running_subtask: bool = False):
         if not samples:
             raise VlaStackError("no training samples")
         self.samples = samples
@@ -68,7 +69,9 @@ class SampleSet:
                   for i in range(0, len(samples), 256)]
         self.images = torch.cat(chunks)
         self.goals = [s.goal for s in samples]
-        self.memories_in = [s.memory_in if use_memory else EMPTY for s in samples]
+        # The no-memory ablation sees no state at all: neither the memory nor the running subtask.
+        self.memories_in = [(context(s.memory_in, s.running) if running_subtask else s.memory_in) if use_memory
+                            else EMPTY for s in samples]
         self.subtasks = [s.subtask for s in samples]
         self.memories_out = [s.memory_out for s in samples]
         # Without memory input "stale" is undefined; the ablation's planner calls on a fixed period instead.
@@ -126,11 +129,12 @@ def train(config_path: Path, progress: bool = True) -> dict:
     output_dir = resolve_data_path(tcfg["output_dir"] or Path("mem/runs") / Path(config_path).stem)
     text = MiniLMText()
     model = HighLevelModel(MemConfig.from_dict(dict(config["model"])), text=text)
-    sample_kwargs = {k: dcfg[k] for k in ("boundary_frames", "steady_per_subtask", "reset_samples")}
+    sample_kwargs = {k: dcfg[k] for k in ("boundary_frames", "steady_per_subtask", "reset_samples",
+                                          "steady_before_boundary")}
     train_stores = [resolve_data_path(p) for p in dcfg["train"]]
     train_set = SampleSet(build_samples(train_stores, seed=tcfg["seed"], max_episodes=dcfg["max_episodes"],
                                         skip_last=dcfg["heldout_last"], progress=progress, **sample_kwargs),
-                          model.config.image_size, tcfg["use_memory"])
+                          model.config.image_size, tcfg["use_memory"], model.config.running_subtask)
     heldout_samples = []
     if dcfg["heldout_last"]:  # each training store's last episodes (other scene seeds)
         heldout_samples += build_samples(train_stores, seed=tcfg["seed"] + 1, last=dcfg["heldout_last"],
@@ -138,7 +142,8 @@ def train(config_path: Path, progress: bool = True) -> dict:
     if dcfg["heldout"]:
         heldout_samples += build_samples([resolve_data_path(p) for p in dcfg["heldout"]], seed=tcfg["seed"] + 1,
                                          progress=progress, **sample_kwargs)
-    heldout = SampleSet(heldout_samples, model.config.image_size, tcfg["use_memory"]) if heldout_samples else None
+    heldout = (SampleSet(heldout_samples, model.config.image_size, tcfg["use_memory"], model.config.running_subtask)
+               if heldout_samples else None)
     result = fit(model, train_set, tcfg, rng, heldout=heldout, progress=progress)
     result["train_samples"] = len(train_set)
     result["heldout_samples"] = len(heldout) if heldout else 0
