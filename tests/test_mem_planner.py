@@ -11,7 +11,7 @@ import torch
 from vla_stack.errors import VlaStackError
 from vla_stack.planners.mem.data import DropInjector, build_samples, collect_mem
 from vla_stack.planners.mem.memory import EMPTY, InvalidMemoryError, TaskMemory, is_memory_text, is_subtask_text
-from vla_stack.planners.mem.model import CheckpointError, HighLevelModel, MemConfig, MiniLMText, context, load_model
+from vla_stack.planners.mem.model import CheckpointError, HighLevelModel, MemConfig, MiniLMText, load_model
 from vla_stack.planners.mem.policy import MemPlanner, SubtaskExpert, make_policy
 from vla_stack.planners.mem.train import SampleSet, fit
 from vla_stack.policy.scripted import ScriptedExpert
@@ -223,38 +223,6 @@ def test_planner_resets_and_logs_garbled_memory(tmp_path, text, caplog):
     image = np.zeros((64, 64, 3), np.uint8)
     calls = sum(planner.update(image, task.instruction) for _ in range(12))
     assert calls >= 1 and is_memory_text(planner.memory)
-
-
-def test_running_subtask_reaches_the_model_in_training_and_in_the_loop(perturbed_store, text):
-    """A `running_subtask` model reads the memory plus the subtask the low level runs: the samples name it (the one
-    just finished on boundary samples, nothing before the first call), the planner feeds the one it handed down."""
-    task = generate("restore", PANDA, 3)
-    memory = TaskMemory(task, PANDA)
-    samples = build_samples([perturbed_store], progress=False)
-    for s in samples:
-        if s.kind == "boundary":
-            k = memory.labels().index(s.memory_out)
-            assert s.running == ("" if k == 0 else memory.subtask(k - 1))
-        else:
-            assert s.running == s.subtask
-    model = HighLevelModel(MemConfig(**TINY, running_subtask=True), text=text)
-    data = SampleSet(samples, model.config.image_size, running_subtask=True)
-    steady = next(i for i, s in enumerate(samples) if s.kind == "steady")
-    assert data.memories_in[steady] == f"{samples[steady].memory_in}; now {samples[steady].subtask}"
-    assert SampleSet(samples, 32, use_memory=False, running_subtask=True).memories_in == [EMPTY] * len(samples)
-    assert context(EMPTY, "pick up the red cube") == "now pick up the red cube" and context("x", None) == "x"
-
-    seen = []
-    original = model.generate
-    model.generate = lambda images, goals, memories, **kw: seen.append(memories[0]) or original(images, goals, memories)
-    planner = MemPlanner(None, None, model, check_every=1, replan_steps=1)
-    planner.set_scene(task, PANDA)
-    image = np.zeros((64, 64, 3), np.uint8)
-    planner.update(image, task.instruction)
-    assert seen == [EMPTY]  # nothing handed down yet
-    planner.memory, planner.subtask, planner.running = memory.label(0), "done", task.subtasks[0].text
-    planner.update(image, task.instruction)  # a stall call (replan_steps=1)
-    assert seen[1] == f"{memory.label(0)}; now {task.subtasks[0].text}"  # 'done' is not a running subtask
 
 
 def test_make_policy_options_and_subtask_executor(tmp_path, text):

@@ -64,8 +64,7 @@ def score_command(
     from vla_stack.planners.mem.train import SampleSet, score
 
     model = load_model(checkpoint or default_checkpoint())
-    data = SampleSet(build_samples(list(store), seed=1, last=last), model.config.image_size, use_memory=memory,
-                     running_subtask=model.config.running_subtask)
+    data = SampleSet(build_samples(list(store), seed=1, last=last), model.config.image_size, use_memory=memory)
     result = {"checkpoint": str(checkpoint or default_checkpoint()), "stores": [str(s) for s in store],
               "last_episodes": last, "use_memory": memory, "samples": len(data), "scores": score(model, data)}
     print(json.dumps(result, indent=2))

@@ -56,7 +56,6 @@ class MemConfig:
     max_goal_tokens: int = 24
     max_memory_tokens: int = 40
     max_target_tokens: int = 56
-    running_subtask: bool = False  # the memory input also names the subtask the low level is running (`context`)
     vocab: list[int] = field(default_factory=list)  # WordPiece ids the decoder can emit (specials first)
 
     @classmethod
@@ -102,15 +101,6 @@ def build_vocab() -> list[int]:
     ids = {i for text in grammar_texts() for i in tok(text, add_special_tokens=False)["input_ids"]}
     specials = [tok.pad_token_id, tok.cls_token_id, tok.sep_token_id]
     return specials + sorted(ids - set(specials))
-
-
-def context(memory: str, running: str | None) -> str:
-    """The memory input of a `running_subtask` model: the memory plus the subtask the high level last handed the
-    low level. With it a boundary's update is "the running subtask's outcome happened", which the image only has
-    to confirm, instead of reading from the image which of three cubes just landed."""
-    if not running:
-        return memory
-    return f"{memory}; now {running}" if memory else f"now {running}"
 
 
 def clean_decoded(text: str) -> str:

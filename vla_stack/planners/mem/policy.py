@@ -29,7 +29,7 @@ import numpy as np
 
 from vla_stack.errors import VlaStackError
 from vla_stack.planners.mem.memory import DONE, EMPTY, InvalidMemoryError, TaskMemory, canonical
-from vla_stack.planners.mem.model import HighLevelModel, context, load_model, prepare_images
+from vla_stack.planners.mem.model import HighLevelModel, load_model, prepare_images
 from vla_stack.policy.scripted import ScriptedExpert
 from vla_stack.sim.robots import RobotSpec
 from vla_stack.sim.tasks import TaskInstance
@@ -90,7 +90,6 @@ class MemPlanner:
         self.boundary_delays: list[int] = []
         self.episodes = 0
         self.memory, self.subtask = EMPTY, None
-        self.running: str | None = None  # the last subtask handed to the low level ('done' is not one)
         self.scene: TaskMemory | None = None
         self._last_call: int | None = None
         self._known_done = 0
@@ -125,7 +124,7 @@ class MemPlanner:
         if self._episode["steps"]:
             self._finish_episode()
         self._episode = self._new_episode()
-        self.memory, self.subtask, self.running = EMPTY, None, None
+        self.memory, self.subtask = EMPTY, None
         self.scene = TaskMemory(task, robot) if task is not None else None
         self._last_call = None
         self._known_done = 0
@@ -144,7 +143,7 @@ class MemPlanner:
             if self.use_memory:
                 start = time.perf_counter()
                 p = float(self.model.completion_probability(prepare_images(image[None], self.model.config.image_size),
-                                                            [goal], [self._memory_input()])[0])
+                                                            [goal], [self.memory])[0])
                 self.check_ms.append((time.perf_counter() - start) * 1000)
                 ep["checks"] += 1
                 self._positives = self._positives + 1 if p > self.threshold else 0
@@ -162,7 +161,7 @@ class MemPlanner:
         ep = self._episode
         start = time.perf_counter()
         subtasks, memories, _ = self.model.generate(prepare_images(image[None], self.model.config.image_size), [goal],
-                                                    [self._memory_input() if self.use_memory else EMPTY])
+                                                    [self.memory if self.use_memory else EMPTY])
         self.call_ms.append((time.perf_counter() - start) * 1000)
         subtask, memory = subtasks[0], memories[0]
         ep["calls"] += 1
@@ -182,18 +181,10 @@ class MemPlanner:
             self.warn(f"high level wrote an invalid subtask, keeping the previous one: {exc}")
             subtask = self.subtask or goal
         self.subtask = subtask
-        if subtask != DONE:
-            self.running = subtask
         ep["subtasks"].append(subtask)
         ep["memories"].append(self.memory)
         if self.policy is not None and (subtask != DONE or getattr(self.policy, "accepts_done", False)):
             self.policy.instruction = subtask
-
-    def _memory_input(self) -> str:
-        """The memory, plus for `running_subtask` models the subtask the low level is running."""
-        if not self.model.config.running_subtask:
-            return self.memory
-        return context(self.memory, self.running)
 
     def _true_done(self) -> set[int]:
         """Completed subtasks by the scene's detectors: for sort every cube now in its bin (any order), else the

@@ -27,7 +27,7 @@ from vla_stack.errors import VlaStackError
 from vla_stack.paths import resolve_data_path
 from vla_stack.planners.mem.data import Sample, build_samples
 from vla_stack.planners.mem.memory import EMPTY, canonical
-from vla_stack.planners.mem.model import HighLevelModel, MemConfig, MiniLMText, context, prepare_images
+from vla_stack.planners.mem.model import HighLevelModel, MemConfig, MiniLMText, prepare_images
 
 TRAIN_DEFAULTS = {"output_dir": None, "export_dir": None, "steps": 3000, "batch_size": 64, "lr": 1e-3,
                   "warmup_steps": 100, "weight_decay": 1e-4, "grad_clip": 1.0, "image_shift": 4, "use_memory": True,
@@ -61,7 +61,7 @@ def load_config(path: Path) -> dict:
 class SampleSet:
     """Samples with their images resized once (float16, model resolution)."""
 
-    def __init__(self, samples: list[Sample], image_size: int, use_memory: bool = True, running_subtask: bool = False):
+    def __init__(self, samples: list[Sample], image_size: int, use_memory: bool = True):
         if not samples:
             raise VlaStackError("no training samples")
         self.samples = samples
@@ -69,9 +69,7 @@ class SampleSet:
                   for i in range(0, len(samples), 256)]
         self.images = torch.cat(chunks)
         self.goals = [s.goal for s in samples]
-        # The no-memory ablation sees no state at all: neither the memory nor the running subtask.
-        self.memories_in = [(context(s.memory_in, s.running) if running_subtask else s.memory_in) if use_memory
-                            else EMPTY for s in samples]
+        self.memories_in = [s.memory_in if use_memory else EMPTY for s in samples]
         self.subtasks = [s.subtask for s in samples]
         self.memories_out = [s.memory_out for s in samples]
         # Without memory input "stale" is undefined; the ablation's planner calls on a fixed period instead.
@@ -134,7 +132,7 @@ def train(config_path: Path, progress: bool = True) -> dict:
     train_stores = [resolve_data_path(p) for p in dcfg["train"]]
     train_set = SampleSet(build_samples(train_stores, seed=tcfg["seed"], max_episodes=dcfg["max_episodes"],
                                         skip_last=dcfg["heldout_last"], progress=progress, **sample_kwargs),
-                          model.config.image_size, tcfg["use_memory"], model.config.running_subtask)
+                          model.config.image_size, tcfg["use_memory"])
     heldout_samples = []
     if dcfg["heldout_last"]:  # each training store's last episodes (other scene seeds)
         heldout_samples += build_samples(train_stores, seed=tcfg["seed"] + 1, last=dcfg["heldout_last"],
@@ -142,8 +140,7 @@ def train(config_path: Path, progress: bool = True) -> dict:
     if dcfg["heldout"]:
         heldout_samples += build_samples([resolve_data_path(p) for p in dcfg["heldout"]], seed=tcfg["seed"] + 1,
                                          progress=progress, **sample_kwargs)
-    heldout = (SampleSet(heldout_samples, model.config.image_size, tcfg["use_memory"], model.config.running_subtask)
-               if heldout_samples else None)
+    heldout = SampleSet(heldout_samples, model.config.image_size, tcfg["use_memory"]) if heldout_samples else None
     result = fit(model, train_set, tcfg, rng, heldout=heldout, progress=progress)
     result["train_samples"] = len(train_set)
     result["heldout_samples"] = len(heldout) if heldout else 0
