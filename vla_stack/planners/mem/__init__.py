@@ -3,7 +3,7 @@
 
 - memory.py: programmatic, outcome-compressed memory labels and their validation
 - data.py:   training samples from episode stores (with injected failed grasps)
-- model.py:  the tiny high-level model (patch encoder + frozen MiniLM + small encoder/decoder, WordPiece decoding)
+- model.py:  the tiny high-level model (conv-stem image encoder + frozen MiniLM + small encoder/decoder, WordPiece decoding)
 - train.py:  training and held-out scoring
 - policy.py: `make_policy`, the wrapper `vla-stack eval --planner mem` uses
 """
