@@ -137,6 +137,38 @@ def test_hard_negatives_come_from_just_before_a_completion(perturbed_store):
     assert "late" not in {s.kind for s in build_samples([perturbed_store], progress=False)}
 
 
+def test_stale_and_fresh_samples_teach_memory_against_image(perturbed_store):
+    """`stale_per_subtask`: frames anywhere in a later subtask fed an out-of-date memory (label 1, target the
+    true memory); `fresh_after_boundary`: frames just after a completion fed the updated memory (label 0);
+    `ahead_per_subtask`: frames of a running subtask fed a memory that already has its outcome (label 1)."""
+    from vla_stack.data.episode_store import EpisodeStore
+    from vla_stack.planners.mem.data import FRESH_WINDOW
+
+    store = EpisodeStore.open(perturbed_store)
+    done = store.episode_arrays(0)["subtask_index"][...]
+    frames = store.episode_arrays(0)["images.front"][...]
+    memory = TaskMemory(generate("restore", PANDA, 3), PANDA)
+    samples = build_samples([perturbed_store], progress=False, stale_per_subtask=3, fresh_after_boundary=2,
+                            ahead_per_subtask=2)
+    stale = [s for s in samples if s.kind == "stale"]
+    fresh = [s for s in samples if s.kind == "fresh"]
+    ahead = [s for s in samples if s.kind == "ahead"]
+    assert stale and fresh and len(ahead) == 2 * memory.n
+    for s in ahead:  # the memory already claims the running subtask's outcome: re-plan and take it back
+        t = next(t for t in range(len(frames)) if np.array_equal(frames[t], s.image))
+        k = int(done[t])
+        assert s.stale and s.memory_in == memory.label(k + 1) and s.memory_out == memory.label(k)
+    for s in stale + fresh:
+        t = next(t for t in range(len(frames)) if np.array_equal(frames[t], s.image))
+        k = int(done[t])
+        assert k > 0 and s.memory_out == memory.label(k) and s.subtask == memory.subtask(k)
+        if s.kind == "stale":
+            assert s.stale and s.memory_in in (memory.label(k - 1), memory.label(max(0, k - 2)))
+        else:
+            completion = max(c for c in range(1, t + 1) if done[c] > done[c - 1])
+            assert not s.stale and s.memory_in == s.memory_out and t - completion < FRESH_WINDOW
+
+
 # ------------------------------------------------------------------------------------------- model
 def test_tiny_model_trains_and_decodes_valid_subtasks(perturbed_store, text):
     torch.manual_seed(0)
@@ -223,6 +255,43 @@ def test_planner_resets_and_logs_garbled_memory(tmp_path, text, caplog):
     image = np.zeros((64, 64, 3), np.uint8)
     calls = sum(planner.update(image, task.instruction) for _ in range(12))
     assert calls >= 1 and is_memory_text(planner.memory)
+
+
+class ScriptedOutputs(HighLevelModel):
+    """A high level whose outputs the test dictates, to check the planner's control logic on its own."""
+
+    def set_outputs(self, subtask: str, memory: str, completion: float = 1.0) -> None:
+        self.outputs, self.p = (subtask, memory), completion
+
+    def generate(self, images, goals, memories, use_cache=True):
+        return [self.outputs[0]], [self.outputs[1]], torch.tensor([self.p])
+
+    def completion_probability(self, images, goals, memories):
+        return torch.tensor([self.p])
+
+
+def test_false_alarm_keeps_the_running_subtask(text):
+    """A completion-triggered call that brings no new outcome (memory unchanged) must not switch a sort
+    subtask to another unsorted cube; an updated memory or a stall re-plan may switch it."""
+    model = ScriptedOutputs(MemConfig(**TINY), text=text)
+    planner = MemPlanner(None, None, model, check_every=1, replan_steps=6)
+    task = generate("sort", PANDA, 1)
+    memory = TaskMemory(task, PANDA)
+    first, second = task.subtasks[0].text, task.subtasks[1].text
+    planner.set_scene(task, PANDA)
+    image = np.zeros((64, 64, 3), np.uint8)
+    model.set_outputs(first, memory.label(0))
+    assert planner.update(image, task.instruction) and planner.subtask == first
+    model.set_outputs(second, memory.label(0))  # head fires, but nothing changed
+    assert planner.update(image, task.instruction) and planner.subtask == first
+    assert planner.episode_metrics()["false_alarms"] == 1
+    model.set_outputs(second, memory.label(1))  # a real outcome: the next subtask is taken
+    assert planner.update(image, task.instruction) and planner.subtask == second
+    model.set_outputs(first, memory.label(1), completion=0.0)  # quiet head: the stall re-plan may switch
+    for _ in range(5):
+        assert not planner.update(image, task.instruction)
+    assert planner.update(image, task.instruction) and planner.subtask == first
+    assert planner.episode_metrics()["stall_calls"] == 1 and planner.episode_metrics()["false_alarms"] == 1
 
 
 def test_make_policy_options_and_subtask_executor(tmp_path, text):

@@ -15,6 +15,15 @@ Labels are programmatic (`memory.TaskMemory`), rebuilt from each episode's seed.
   memory and the same subtask; completion label 0. `steady_before_boundary` more of them come from the
   16 frames before a completion (cube carried over or dropped into its goal, the gripper still closed or just
   opening): the hard negatives of the completion head, which otherwise fires while the cube is still carried.
+- stale samples (`stale_per_subtask`): frames anywhere in a later subtask fed a memory one or two outcomes
+  behind; target the true memory, completion label 1. Boundary samples alone only cover the first frames after
+  a completion, so the head learned "the gripper just let go" instead of "the image shows an outcome the memory
+  lacks": it fired on the approach and went quiet a few frames after a real completion.
+- fresh samples (`fresh_after_boundary`): the first frames after a completion fed the *updated* memory,
+  completion label 0: the same picture as a boundary, but the memory already has the outcome.
+- ahead samples (`ahead_per_subtask`): frames of a running subtask fed the memory *with* its outcome (what a
+  completion head that fired early writes); label 1, target the true memory: a memory the image contradicts gets
+  re-planned and corrected instead of carried on.
 - reset samples (sort only, where the scene shows all outcomes): a frame fed the empty memory; target the true
   memory, so a memory reset after a garbled string recovers.
 """
@@ -155,11 +164,14 @@ def _completed(store: EpisodeStore, index: int, subtask_index: np.ndarray, n: in
 
 
 LATE_WINDOW, LATE_GAP = 16, 2  # hard negatives: frames [completion - 16, completion - 2)
+FRESH_WINDOW = 12  # fresh negatives: frames [completion, completion + 12) with the memory already updated
+AHEAD_GAP = 4  # ahead samples stop 4 frames before the completion (the last frames are ambiguous)
 
 
 def episode_samples(store: EpisodeStore, index: int, rng: np.random.Generator, boundary_frames: int = 4,
                     steady_per_subtask: int = 4, reset_samples: int = 2,
-                    steady_before_boundary: int = 0) -> list[Sample]:
+                    steady_before_boundary: int = 0, stale_per_subtask: int = 0,
+                    fresh_after_boundary: int = 0, ahead_per_subtask: int = 0) -> list[Sample]:
     meta = store.episode_meta(index)
     if meta.seed is None:
         raise VlaStackError(f"episode {index} of {store.path} has no seed: its memory labels cannot be rebuilt")
@@ -198,6 +210,18 @@ def episode_samples(store: EpisodeStore, index: int, rng: np.random.Generator, b
         if steady_before_boundary and stop < len(done) and len(late):
             for t in rng.choice(late, size=min(steady_before_boundary, len(late)), replace=False):
                 add(int(t), mem.label(k), k, False, "late")
+        if stale_per_subtask and k > 0:
+            for t in rng.choice(np.arange(start, stop), size=min(stale_per_subtask, stop - start), replace=False):
+                behind = 1 + int(k > 1 and rng.random() < 0.25)
+                add(int(t), mem.label(k - behind), k, True, "stale")
+        if fresh_after_boundary and k > 0:
+            fresh = np.arange(start, min(stop, start + FRESH_WINDOW))
+            for t in rng.choice(fresh, size=min(fresh_after_boundary, len(fresh)), replace=False):
+                add(int(t), mem.label(k), k, False, "fresh")
+        running = np.arange(start, stop - AHEAD_GAP)
+        if ahead_per_subtask and k < mem.n and len(running):
+            for t in rng.choice(running, size=min(ahead_per_subtask, len(running)), replace=False):
+                add(int(t), mem.label(k + 1), k, True, "ahead")
     if task.family == "sort":
         for t in rng.choice(len(done), size=min(reset_samples, len(done)), replace=False):
             add(int(t), EMPTY, int(done[t]), True, "reset")

@@ -3,12 +3,14 @@ policy runs the subtask text as its instruction.
 
 Control loop per step:
 - step 0 (memory empty) -> high-level call;
-- every `check_every` steps -> completion head only (encoder, no decoding): "the memory is stale" -> call;
+- every `check_every` steps -> completion head only (encoder, no decoding): "the memory disagrees with the image" -> call;
 - no call for `replan_steps` steps -> call anyway (a stalled or failed subtask gets re-planned);
 - `memory=off` (the ablation) feeds the empty memory to the model and calls it every `check_every` steps, since
   without memory there is nothing to be stale against.
 A call decodes (subtask, memory). A memory string that is not well formed for the scene is logged and reset to
-the empty memory; an invalid subtask keeps the previous one. The low level gets the subtask text through its
+the empty memory; an invalid subtask keeps the previous one. A completion-triggered call whose memory comes back
+unchanged was a false alarm (no new outcome): the running subtask continues, since switching to another equally
+valid one (sort: any unsorted cube) would abandon a cube mid-carry. Stall re-plans may switch. The low level gets the subtask text through its
 `instruction` attribute (VlaPolicy uses it instead of obs["instruction"]).
 
 Scoring (privileged, for evaluation only): at every call the prediction is compared with the environment's
@@ -99,7 +101,8 @@ class MemPlanner:
     @staticmethod
     def _new_episode() -> dict:
         return {"steps": 0, "calls": 0, "checks": 0, "subtask_correct": 0, "memory_correct": 0, "invalid_memory": 0,
-                "invalid_subtask": 0, "stall_calls": 0, "missed_boundaries": 0, "subtasks": [], "memories": []}
+                "invalid_subtask": 0, "stall_calls": 0, "false_alarms": 0, "missed_boundaries": 0, "subtasks": [],
+                "memories": []}
 
     # -- policy interface ---------------------------------------------------------------------------------
     def reset(self, seed: int | None = None) -> None:
@@ -137,8 +140,8 @@ class MemPlanner:
         step = ep["steps"]
         self._track_boundaries(step)
         call = self._last_call is None or step - self._last_call >= self.replan_steps
-        if call and self._last_call is not None:
-            ep["stall_calls"] += 1
+        stall = call and self._last_call is not None
+        ep["stall_calls"] += stall
         if not call and step % self.check_every == 0:
             if self.use_memory:
                 start = time.perf_counter()
@@ -152,12 +155,12 @@ class MemPlanner:
                 call = True
         if call:
             self._positives = 0
-            self._call(image, goal, step)
+            self._call(image, goal, step, stall)
         ep["steps"] += 1
         return call
 
     # -- the high level ------------------------------------------------------------------------------------
-    def _call(self, image: np.ndarray, goal: str, step: int) -> None:
+    def _call(self, image: np.ndarray, goal: str, step: int, stall: bool = False) -> None:
         ep = self._episode
         start = time.perf_counter()
         subtasks, memories, _ = self.model.generate(prepare_images(image[None], self.model.config.image_size), [goal],
@@ -173,6 +176,7 @@ class MemPlanner:
             done = self._true_done()
             ep["subtask_correct"] += subtask in self.scene.valid_next(done)
             ep["memory_correct"] += canonical(memory) == canonical(self.scene.label_set(done))
+        previous = self.memory
         self.set_memory(memory)
         try:
             subtask = self.scene.check_subtask(subtask) if self.scene else _subtask_grammar_checked(subtask)
@@ -180,6 +184,10 @@ class MemPlanner:
             ep["invalid_subtask"] += 1
             self.warn(f"high level wrote an invalid subtask, keeping the previous one: {exc}")
             subtask = self.subtask or goal
+        if (self.use_memory and not stall and previous != EMPTY and self.subtask not in (None, DONE)
+                and canonical(self.memory) == canonical(previous)):
+            ep["false_alarms"] += 1
+            subtask = self.subtask
         self.subtask = subtask
         ep["subtasks"].append(subtask)
         ep["memories"].append(self.memory)
@@ -230,7 +238,7 @@ class MemPlanner:
         ep = self._episode
         self.episodes += 1
         for key in ("steps", "calls", "checks", "subtask_correct", "memory_correct", "invalid_memory",
-                    "invalid_subtask", "stall_calls", "missed_boundaries"):
+                    "invalid_subtask", "stall_calls", "false_alarms", "missed_boundaries"):
             self.totals[key] = self.totals.get(key, 0) + ep[key]
 
     def episode_metrics(self) -> dict:
@@ -238,6 +246,7 @@ class MemPlanner:
         calls = max(1, ep["calls"])
         return {
             "high_level_calls": ep["calls"], "completion_checks": ep["checks"], "stall_calls": ep["stall_calls"],
+            "false_alarms": ep["false_alarms"],
             "subtask_accuracy": round(ep["subtask_correct"] / calls, 4),
             "memory_exact_match": round(ep["memory_correct"] / calls, 4),
             "invalid_memory": ep["invalid_memory"], "invalid_subtask": ep["invalid_subtask"],
@@ -259,7 +268,8 @@ class MemPlanner:
             "check_every": self.check_every, "replan_steps": self.replan_steps, "confirm": self.confirm,
             "threshold": self.threshold,
             "high_level_calls": int(t.get("calls", 0)), "completion_checks": int(t.get("checks", 0)),
-            "stall_calls": int(t.get("stall_calls", 0)), "steps": int(t.get("steps", 0)),
+            "stall_calls": int(t.get("stall_calls", 0)), "false_alarms": int(t.get("false_alarms", 0)),
+            "steps": int(t.get("steps", 0)),
             "calls_per_episode": round(t.get("calls", 0) / max(1, self.episodes), 2),
             "steps_per_call": round(t.get("steps", 0) / calls, 1),
             "subtask_accuracy": round(t.get("subtask_correct", 0) / calls, 4),
