@@ -101,6 +101,26 @@ def test_memory_survives_injected_failed_grasp():
         env.close()
 
 
+def test_paused_collection_runs_one_subtask_at_a_time(tmp_path):
+    """`pause_steps`: the subtask executor gets the next subtask only after a pause, as in the planner loop;
+    the episode still succeeds and its frames train the same sample kinds."""
+    from vla_stack.data.episode_store import EpisodeStore
+
+    path = tmp_path / "paused.zarr"
+    result = collect_mem("restore", "panda", 1, path, seed_start=3, image_size=32, drop_fraction=0.0,
+                         pause_steps=15, progress=False)
+    assert result["successes"] == 1
+    store = EpisodeStore.open(path)
+    meta = store.episode_meta(0)
+    assert meta.extra["executor"] == "subtask" and meta.extra["pause_steps"] == 15
+    done = store.episode_arrays(0)["subtask_index"][...]
+    assert list(np.unique(done)) == [0, 1, 2]
+    samples = build_samples([path], progress=False)
+    assert {s.kind for s in samples} == {"boundary", "steady"}
+    with pytest.raises(VlaStackError, match="pause_steps"):
+        collect_mem("restore", "panda", 1, tmp_path / "bad.zarr", pause_steps=-1, progress=False)
+
+
 def test_training_samples_from_a_perturbed_store(perturbed_store):
     samples = build_samples([perturbed_store], progress=False)
     task = generate("restore", PANDA, 3)
@@ -135,38 +155,6 @@ def test_hard_negatives_come_from_just_before_a_completion(perturbed_store):
         assert stop - LATE_WINDOW <= t < stop - LATE_GAP
         assert not s.stale and s.memory_in == s.memory_out
     assert "late" not in {s.kind for s in build_samples([perturbed_store], progress=False)}
-
-
-def test_stale_and_fresh_samples_teach_memory_against_image(perturbed_store):
-    """`stale_per_subtask`: frames anywhere in a later subtask fed an out-of-date memory (label 1, target the
-    true memory); `fresh_after_boundary`: frames just after a completion fed the updated memory (label 0);
-    `ahead_per_subtask`: frames of a running subtask fed a memory that already has its outcome (label 1)."""
-    from vla_stack.data.episode_store import EpisodeStore
-    from vla_stack.planners.mem.data import FRESH_WINDOW
-
-    store = EpisodeStore.open(perturbed_store)
-    done = store.episode_arrays(0)["subtask_index"][...]
-    frames = store.episode_arrays(0)["images.front"][...]
-    memory = TaskMemory(generate("restore", PANDA, 3), PANDA)
-    samples = build_samples([perturbed_store], progress=False, stale_per_subtask=3, fresh_after_boundary=2,
-                            ahead_per_subtask=2)
-    stale = [s for s in samples if s.kind == "stale"]
-    fresh = [s for s in samples if s.kind == "fresh"]
-    ahead = [s for s in samples if s.kind == "ahead"]
-    assert stale and fresh and len(ahead) == 2 * memory.n
-    for s in ahead:  # the memory already claims the running subtask's outcome: re-plan and take it back
-        t = next(t for t in range(len(frames)) if np.array_equal(frames[t], s.image))
-        k = int(done[t])
-        assert s.stale and s.memory_in == memory.label(k + 1) and s.memory_out == memory.label(k)
-    for s in stale + fresh:
-        t = next(t for t in range(len(frames)) if np.array_equal(frames[t], s.image))
-        k = int(done[t])
-        assert k > 0 and s.memory_out == memory.label(k) and s.subtask == memory.subtask(k)
-        if s.kind == "stale":
-            assert s.stale and s.memory_in in (memory.label(k - 1), memory.label(max(0, k - 2)))
-        else:
-            completion = max(c for c in range(1, t + 1) if done[c] > done[c - 1])
-            assert not s.stale and s.memory_in == s.memory_out and t - completion < FRESH_WINDOW
 
 
 # ------------------------------------------------------------------------------------------- model

@@ -21,6 +21,9 @@ def collect_command(
     seed_start: int = typer.Option(0, help="First scene seed (resumes after the store's last seed)."),
     image_size: int = typer.Option(128, help="Front camera size (evaluation renders 128 px)."),
     drop_fraction: float = typer.Option(0.4, help="Fraction of episodes with an injected dropped cube."),
+    pause_steps: int = typer.Option(0, help="Run one subtask at a time as the planner does (subtask executor, "
+                                            "arm parked after each) with random pauses of up to N steps between "
+                                            "them; 0 = the flat expert."),
 ) -> None:
     """Scripted-expert episodes for the high level (front camera, completed-subtask counts, terminal frame,
     injected failed grasps)."""
@@ -34,7 +37,7 @@ def collect_command(
     if seed_start + episodes > HELDOUT_SEED_START:
         raise VlaStackError(f"training seeds must stay below {HELDOUT_SEED_START} (held out for evaluation)")
     print(json.dumps(collect_mem(task, robot, episodes, store, seed_start=seed_start, image_size=image_size,
-                                 drop_fraction=drop_fraction), indent=2))
+                                 drop_fraction=drop_fraction, pause_steps=pause_steps), indent=2))
 
 
 @mem_app.command("train")

@@ -6,7 +6,11 @@ camera only, the *unclamped* number of completed subtasks per frame, the termina
 (so "done" is learnable), and, in a chosen fraction of episodes, an injected failure: while the expert carries
 the cube of a random subtask, the gripper is forced open, the cube drops, and the expert re-grasps it. These
 perturbed episodes teach that a failed attempt changes nothing in the memory (MEM's train/test mismatch:
-demonstrations alone rarely show failures).
+demonstrations alone rarely show failures). With `pause_steps` the episode is run the way the hierarchical loop
+runs it: the subtask executor (`policy.SubtaskExpert`) gets one subtask at a time, parks the arm after each, and
+the next subtask arrives after a random pause of up to `pause_steps` steps (the high level's detection delay).
+The flat expert goes straight on to the next cube, so in its demos the arm's motion alone gives a boundary away;
+with pauses the high level has to read the outcome from the scene.
 
 Labels are programmatic (`memory.TaskMemory`), rebuilt from each episode's seed. Sample kinds per episode:
 - boundary ("stale") samples: the first frames after a subtask finished, fed the *previous* memory (or the empty
@@ -15,15 +19,6 @@ Labels are programmatic (`memory.TaskMemory`), rebuilt from each episode's seed.
   memory and the same subtask; completion label 0. `steady_before_boundary` more of them come from the
   16 frames before a completion (cube carried over or dropped into its goal, the gripper still closed or just
   opening): the hard negatives of the completion head, which otherwise fires while the cube is still carried.
-- stale samples (`stale_per_subtask`): frames anywhere in a later subtask fed a memory one or two outcomes
-  behind; target the true memory, completion label 1. Boundary samples alone only cover the first frames after
-  a completion, so the head learned "the gripper just let go" instead of "the image shows an outcome the memory
-  lacks": it fired on the approach and went quiet a few frames after a real completion.
-- fresh samples (`fresh_after_boundary`): the first frames after a completion fed the *updated* memory,
-  completion label 0: the same picture as a boundary, but the memory already has the outcome.
-- ahead samples (`ahead_per_subtask`): frames of a running subtask fed the memory *with* its outcome (what a
-  completion head that fired early writes); label 1, target the true memory: a memory the image contradicts gets
-  re-planned and corrected instead of carried on.
 - reset samples (sort only, where the scene shows all outcomes): a frame fed the empty memory; target the true
   memory, so a memory reset after a garbled string recovers.
 """
@@ -38,7 +33,7 @@ from tqdm import tqdm
 
 from vla_stack.data.episode_store import EpisodeStore
 from vla_stack.errors import VlaStackError
-from vla_stack.planners.mem.memory import EMPTY, TaskMemory
+from vla_stack.planners.mem.memory import DONE, EMPTY, TaskMemory
 from vla_stack.sim.env import TabletopEnv
 from vla_stack.sim.robots import TABLE_Z, get_robot
 from vla_stack.sim.tasks import generate
@@ -96,7 +91,7 @@ def store_features(image_size: int, n_joints: int, names: list[str]) -> dict:
 
 
 def collect_mem(task: str, robot: str, episodes: int, store_path: Path, seed_start: int = 0, image_size: int = 128,
-                drop_fraction: float = 0.4, progress: bool = True) -> dict:
+                drop_fraction: float = 0.4, pause_steps: int = 0, progress: bool = True) -> dict:
     """Record `episodes` expert episodes (successes and failures, perturbed or not) for high-level training.
     `subtask_index` here counts completed subtasks (it reaches n on the terminal frame)."""
     from vla_stack.policy.scripted import ScriptedExpert
@@ -105,6 +100,8 @@ def collect_mem(task: str, robot: str, episodes: int, store_path: Path, seed_sta
         raise VlaStackError("episodes must be at least 1")
     if not 0.0 <= drop_fraction <= 1.0:
         raise VlaStackError(f"drop_fraction must be in [0, 1], got {drop_fraction}")
+    if pause_steps < 0:
+        raise VlaStackError(f"pause_steps must be at least 0, got {pause_steps}")
     env = TabletopEnv(task, robot, image_size=image_size, cameras=(CAMERA,))
     rng = np.random.default_rng(seed_start)
     counts = {"episodes": 0, "successes": 0, "perturbed": 0, "drops_happened": 0}
@@ -114,7 +111,12 @@ def collect_mem(task: str, robot: str, episodes: int, store_path: Path, seed_sta
                                             features=store_features(image_size, len(names), names))
         used = [m.seed for i in store.episode_indices() if (m := store.episode_meta(i)).seed is not None]
         seed = max(seed_start, max(used, default=seed_start - 1) + 1)
-        expert = ScriptedExpert(env)
+        if pause_steps:
+            from vla_stack.planners.mem.policy import SubtaskExpert
+
+            expert = SubtaskExpert(env)
+        else:
+            expert = ScriptedExpert(env)
         for _ in tqdm(range(episodes), desc=f"collect-mem {task}/{robot}", disable=not progress, unit="ep"):
             obs, info = env.reset(seed=seed)
             expert.reset(seed=seed)
@@ -124,8 +126,16 @@ def collect_mem(task: str, robot: str, episodes: int, store_path: Path, seed_sta
             with store.begin_episode(instruction=env.instruction, subtasks=info["subtasks"], task=task,
                                      seed=seed) as writer:
                 done, action = False, None
+                handed, due = -1, None  # the subtask handed to the executor; the step the next one is due
                 while True:
                     if not done:
+                        if pause_steps and env.subtask_index != handed:
+                            if due is None:
+                                due = env.steps + (int(rng.integers(0, pause_steps + 1)) if handed >= 0 else 0)
+                            if env.steps >= due:
+                                handed, due = env.subtask_index, None
+                                expert.instruction = (env.task.subtasks[handed].text
+                                                      if handed < len(env.task.subtasks) else DONE)
                         action = expert.select_action(obs)
                         if inject is not None:
                             action = inject(action)
@@ -141,7 +151,8 @@ def collect_mem(task: str, robot: str, episodes: int, store_path: Path, seed_sta
                     "steps": env.steps, "terminal_frame": True, "subtask_index": "completed",
                     "perturbation": None if inject is None else "drop",
                     "perturbed_subtask": None if inject is None else inject.subtask,
-                    "drop_step": None if inject is None else inject.drop_step})
+                    "drop_step": None if inject is None else inject.drop_step,
+                    "executor": "subtask" if pause_steps else "flat", "pause_steps": pause_steps})
             counts["episodes"] += 1
             counts["successes"] += success
             counts["perturbed"] += inject is not None
@@ -164,14 +175,11 @@ def _completed(store: EpisodeStore, index: int, subtask_index: np.ndarray, n: in
 
 
 LATE_WINDOW, LATE_GAP = 16, 2  # hard negatives: frames [completion - 16, completion - 2)
-FRESH_WINDOW = 12  # fresh negatives: frames [completion, completion + 12) with the memory already updated
-AHEAD_GAP = 4  # ahead samples stop 4 frames before the completion (the last frames are ambiguous)
 
 
 def episode_samples(store: EpisodeStore, index: int, rng: np.random.Generator, boundary_frames: int = 4,
                     steady_per_subtask: int = 4, reset_samples: int = 2,
-                    steady_before_boundary: int = 0, stale_per_subtask: int = 0,
-                    fresh_after_boundary: int = 0, ahead_per_subtask: int = 0) -> list[Sample]:
+                    steady_before_boundary: int = 0) -> list[Sample]:
     meta = store.episode_meta(index)
     if meta.seed is None:
         raise VlaStackError(f"episode {index} of {store.path} has no seed: its memory labels cannot be rebuilt")
@@ -210,18 +218,6 @@ def episode_samples(store: EpisodeStore, index: int, rng: np.random.Generator, b
         if steady_before_boundary and stop < len(done) and len(late):
             for t in rng.choice(late, size=min(steady_before_boundary, len(late)), replace=False):
                 add(int(t), mem.label(k), k, False, "late")
-        if stale_per_subtask and k > 0:
-            for t in rng.choice(np.arange(start, stop), size=min(stale_per_subtask, stop - start), replace=False):
-                behind = 1 + int(k > 1 and rng.random() < 0.25)
-                add(int(t), mem.label(k - behind), k, True, "stale")
-        if fresh_after_boundary and k > 0:
-            fresh = np.arange(start, min(stop, start + FRESH_WINDOW))
-            for t in rng.choice(fresh, size=min(fresh_after_boundary, len(fresh)), replace=False):
-                add(int(t), mem.label(k), k, False, "fresh")
-        running = np.arange(start, stop - AHEAD_GAP)
-        if ahead_per_subtask and k < mem.n and len(running):
-            for t in rng.choice(running, size=min(ahead_per_subtask, len(running)), replace=False):
-                add(int(t), mem.label(k + 1), k, True, "ahead")
     if task.family == "sort":
         for t in rng.choice(len(done), size=min(reset_samples, len(done)), replace=False):
             add(int(t), EMPTY, int(done[t]), True, "reset")

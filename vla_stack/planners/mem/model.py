@@ -10,8 +10,8 @@ writes "[CLS] subtask [SEP] memory [SEP]" token by token with MiniLM's WordPiece
 `transformers.AutoTokenizer`). The output layer covers only the WordPiece ids that the subtask/memory grammar can
 use (the id list is saved with the checkpoint), which keeps the model at ~1-2M trainable parameters.
 
-The completion head reads the encoder's CLS state: "the image and the memory disagree" (an outcome the memory
-lacks, or one it claims that the image does not show). The planner evaluates it every few control steps (encoder only, no decoding) and calls the
+The completion head reads the encoder's CLS state: "the image shows an outcome the memory does not have yet"
+(the memory is stale). The planner evaluates it every few control steps (encoder only, no decoding) and calls the
 decoder only when it fires: the high level runs at subtask boundaries, not every step.
 
 Checkpoints are a directory with `config.json` and `model.safetensors` (MiniLM is not stored: it comes from the

@@ -3,7 +3,9 @@ policy runs the subtask text as its instruction.
 
 Control loop per step:
 - step 0 (memory empty) -> high-level call;
-- every `check_every` steps -> completion head only (encoder, no decoding): "the memory disagrees with the image" -> call;
+- every `check_every` steps -> completion head only (encoder, no decoding): "the memory is stale" -> call;
+- with `settle` > 0 a firing head schedules the call `settle` steps later and the running subtask goes on
+  meanwhile: a head that fires while the cube is still being lowered then reads a finished outcome;
 - no call for `replan_steps` steps -> call anyway (a stalled or failed subtask gets re-planned);
 - `memory=off` (the ablation) feeds the empty memory to the model and calls it every `check_every` steps, since
   without memory there is nothing to be stale against.
@@ -47,6 +49,7 @@ class SubtaskExpert(ScriptedExpert):
 
     def reset(self, seed: int | None = None) -> None:
         super().reset(seed)
+        self.park_position = self.p_cmd.copy()  # the grasp site at the start: clear of the scene
         self.instruction: str | None = None
         self._running: str | None = None
         self.unknown_subtasks = 0
@@ -63,6 +66,9 @@ class SubtaskExpert(ScriptedExpert):
             self.unknown_subtasks += 1
         if goal is not None:
             yield from self._achieve(goal)
+            # Park clear of the scene, as at the start: held over a bin the gripper hides the outcome from the
+            # front camera that the high level reads next.
+            yield from self._move(self.park_position, self.yaw_cmd, tolerance=0.02)
         while True:
             yield self._action()
 
@@ -76,10 +82,12 @@ class MemPlanner:
     planner node does: `set_scene`, then `update(image, goal)` each control step)."""
 
     def __init__(self, policy, env, model: HighLevelModel, use_memory: bool = True, check_every: int = 5,
-                 replan_steps: int = 100, threshold: float = 0.5, low_level: str | None = None, confirm: int = 1):
-        if check_every < 1 or replan_steps < 1 or confirm < 1:
-            raise VlaStackError("check_every, replan_steps and confirm must be at least 1")
-        self.confirm = confirm
+                 replan_steps: int = 100, threshold: float = 0.5, low_level: str | None = None, confirm: int = 1,
+                 settle: int = 0):
+        if check_every < 1 or replan_steps < 1 or confirm < 1 or settle < 0:
+            raise VlaStackError("check_every, replan_steps and confirm must be at least 1, settle at least 0")
+        self.confirm, self.settle = confirm, settle
+        self._settle_at: int | None = None
         self._positives = 0
         self.policy, self.env, self.model = policy, env, model
         self.use_memory, self.check_every, self.replan_steps, self.threshold = use_memory, check_every, replan_steps, threshold
@@ -132,7 +140,7 @@ class MemPlanner:
         self._last_call = None
         self._known_done = 0
         self._pending_boundary = None
-        self._positives = 0
+        self._positives, self._settle_at = 0, None
 
     def update(self, image: np.ndarray, goal: str) -> bool:
         """One control step of the high level; True when it was called (subtask and memory were rewritten)."""
@@ -142,7 +150,9 @@ class MemPlanner:
         call = self._last_call is None or step - self._last_call >= self.replan_steps
         stall = call and self._last_call is not None
         ep["stall_calls"] += stall
-        if not call and step % self.check_every == 0:
+        if not call and self._settle_at is not None:
+            call = step >= self._settle_at
+        elif not call and step % self.check_every == 0:
             if self.use_memory:
                 start = time.perf_counter()
                 p = float(self.model.completion_probability(prepare_images(image[None], self.model.config.image_size),
@@ -151,10 +161,12 @@ class MemPlanner:
                 ep["checks"] += 1
                 self._positives = self._positives + 1 if p > self.threshold else 0
                 call = self._positives >= self.confirm  # debounce: `confirm` consecutive positive checks
+                if call and self.settle:  # let the running subtask finish what the head saw coming, then read
+                    self._settle_at, call = step + self.settle, False
             else:
                 call = True
         if call:
-            self._positives = 0
+            self._positives, self._settle_at = 0, None
             self._call(image, goal, step, stall)
         ep["steps"] += 1
         return call
@@ -266,6 +278,7 @@ class MemPlanner:
         return {
             "low_level": self.low_level, "use_memory": self.use_memory, "episodes": self.episodes,
             "check_every": self.check_every, "replan_steps": self.replan_steps, "confirm": self.confirm,
+            "settle": self.settle,
             "threshold": self.threshold,
             "high_level_calls": int(t.get("calls", 0)), "completion_checks": int(t.get("checks", 0)),
             "stall_calls": int(t.get("stall_calls", 0)), "false_alarms": int(t.get("false_alarms", 0)),
@@ -316,16 +329,16 @@ def _flag(value, name: str) -> bool:
 
 
 def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_every=5, replan_steps=100,
-                threshold=0.5, confirm=1, **unknown) -> MemPlanner:
+                threshold=0.5, confirm=1, settle=0, **unknown) -> MemPlanner:
     """The `--planner mem` entry point (see vla_stack.planners.wrap_policy). Options arrive as strings from the
-    command line: memory=on|off, check_every=N, replan_steps=N, threshold=P, confirm=N (consecutive positive
+    command line: memory=on|off, check_every=N, replan_steps=N, threshold=P, settle=N (steps from the head firing to the call), confirm=N (consecutive positive
     completion checks before a call)."""
     if unknown:
         raise VlaStackError(f"unknown mem planner option(s) {sorted(unknown)} "
-                            "(known: memory, check_every, replan_steps, threshold, confirm)")
+                            "(known: memory, check_every, replan_steps, threshold, confirm, settle)")
     try:
         check_every, replan_steps, threshold = int(check_every), int(replan_steps), float(threshold)
-        confirm = int(confirm)
+        confirm, settle = int(confirm), int(settle)
     except ValueError as exc:
         raise VlaStackError(f"bad mem planner option: {exc}") from None
     model = load_model(Path(checkpoint) if checkpoint else default_checkpoint())
@@ -335,4 +348,5 @@ def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_
         policy = SubtaskExpert(env)
         low_level = "scripted-subtask-executor (privileged object poses)"
     return MemPlanner(policy, env, model, use_memory=use_memory, check_every=check_every,
-                      replan_steps=replan_steps, threshold=threshold, low_level=low_level, confirm=confirm)
+                      replan_steps=replan_steps, threshold=threshold, low_level=low_level, confirm=confirm,
+                      settle=settle)

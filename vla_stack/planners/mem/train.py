@@ -3,7 +3,7 @@
 YAML config (policies/mem_tiny.yaml):
     model: {width, encoder_layers, decoder_layers, heads, image_size, patch, ...}   (MemConfig fields)
     data:  {train: [stores], heldout: [stores], boundary_frames, steady_per_subtask, reset_samples,
-            steady_before_boundary, stale_per_subtask, fresh_after_boundary, ahead_per_subtask}
+            steady_before_boundary}
     train: {output_dir, export_dir, steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, image_shift,
             use_memory, seed, max_minutes, eval_every}
 `use_memory: false` trains the no-memory ablation: every sample is fed the empty memory.
@@ -33,8 +33,7 @@ TRAIN_DEFAULTS = {"output_dir": None, "export_dir": None, "steps": 3000, "batch_
                   "warmup_steps": 100, "weight_decay": 1e-4, "grad_clip": 1.0, "image_shift": 4, "use_memory": True,
                   "seed": 0, "max_minutes": 30.0, "eval_every": 0, "completion_weight": 0.5}
 DATA_DEFAULTS = {"train": [], "heldout": [], "heldout_last": 0, "boundary_frames": 4, "steady_per_subtask": 4,
-                 "reset_samples": 2, "steady_before_boundary": 0, "stale_per_subtask": 0,
-                 "fresh_after_boundary": 0, "ahead_per_subtask": 0, "max_episodes": None}
+                 "reset_samples": 2, "steady_before_boundary": 0, "max_episodes": None}
 
 
 def load_config(path: Path) -> dict:
@@ -129,8 +128,7 @@ def train(config_path: Path, progress: bool = True) -> dict:
     text = MiniLMText()
     model = HighLevelModel(MemConfig.from_dict(dict(config["model"])), text=text)
     sample_kwargs = {k: dcfg[k] for k in ("boundary_frames", "steady_per_subtask", "reset_samples",
-                                          "steady_before_boundary", "stale_per_subtask", "fresh_after_boundary",
-                                          "ahead_per_subtask")}
+                                          "steady_before_boundary")}
     train_stores = [resolve_data_path(p) for p in dcfg["train"]]
     train_set = SampleSet(build_samples(train_stores, seed=tcfg["seed"], max_episodes=dcfg["max_episodes"],
                                         skip_last=dcfg["heldout_last"], progress=progress, **sample_kwargs),
