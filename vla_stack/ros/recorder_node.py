@@ -125,6 +125,11 @@ class RecorderNode(Node):
             if self.writer is not None:
                 response.success, response.message = False, "already recording; call ~/stop or ~/discard first"
                 return response
+            if not self.info and self.count_publishers("task/info"):
+                # a sim publishes the task (family, subtasks, seed): starting before its latched message arrives
+                # would record the episode under the default family
+                response.success, response.message = False, "task/info is published but not received yet; retry"
+                return response
             instruction = self.info.get("instruction") or self.instruction
             if not instruction:
                 response.success, response.message = False, "no instruction: set the 'instruction' parameter"
