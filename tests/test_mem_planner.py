@@ -292,8 +292,9 @@ def test_make_policy_options_and_subtask_executor(tmp_path, text):
             make_policy(ScriptedExpert(env), env, checkpoint=path, memory="maybe")
         with pytest.raises(CheckpointError):
             make_policy(ScriptedExpert(env), env, checkpoint=tmp_path / "nothing")
-        planner = make_policy(ScriptedExpert(env), env, checkpoint=path, memory="off", check_every="3")
+        planner = make_policy(ScriptedExpert(env), env, checkpoint=path, memory="off", check_every="3", settle="4")
         assert isinstance(planner.policy, SubtaskExpert) and not planner.use_memory and planner.check_every == 3
+        assert planner.settle == 4
         # The subtask executor runs exactly the subtask it is given.
         env.reset(seed=2)
         executor = SubtaskExpert(env)

@@ -12,8 +12,8 @@ Control loop per step:
 A call decodes (subtask, memory). A memory string that is not well formed for the scene is logged and reset to
 the empty memory; an invalid subtask keeps the previous one. A completion-triggered call whose memory comes back
 unchanged was a false alarm (no new outcome): the running subtask continues, since switching to another equally
-valid one (sort: any unsorted cube) would abandon a cube mid-carry. Stall re-plans may switch. The low level gets the subtask text through its
-`instruction` attribute (VlaPolicy uses it instead of obs["instruction"]).
+valid one (sort: any unsorted cube) would abandon a cube mid-carry. Stall re-plans may switch. The low level
+gets the subtask text through its `instruction` attribute (VlaPolicy uses it instead of obs["instruction"]).
 
 Scoring (privileged, for evaluation only): at every call the prediction is compared with the environment's
 current subtask and the programmatic memory label of the subtasks done so far.
@@ -331,8 +331,8 @@ def _flag(value, name: str) -> bool:
 def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_every=5, replan_steps=100,
                 threshold=0.5, confirm=1, settle=0, **unknown) -> MemPlanner:
     """The `--planner mem` entry point (see vla_stack.planners.wrap_policy). Options arrive as strings from the
-    command line: memory=on|off, check_every=N, replan_steps=N, threshold=P, settle=N (steps from the head firing to the call), confirm=N (consecutive positive
-    completion checks before a call)."""
+    command line: memory=on|off, check_every=N, replan_steps=N, threshold=P, settle=N (steps from the head firing
+    to the call), confirm=N (consecutive positive completion checks before a call)."""
     if unknown:
         raise VlaStackError(f"unknown mem planner option(s) {sorted(unknown)} "
                             "(known: memory, check_every, replan_steps, threshold, confirm, settle)")
