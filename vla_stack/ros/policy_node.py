@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from functools import partial
 
 import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
@@ -65,7 +66,7 @@ class PolicyNode(LifecycleNode):
         self.status_pub = self.create_publisher(String, "~/status", PUBLISH_QOS)
         inputs = MutuallyExclusiveCallbackGroup()
         for camera in self.cameras:
-            self.create_subscription(Image, f"{camera}/image_raw", lambda m, c=camera: self._on_image(c, m),
+            self.create_subscription(Image, f"{camera}/image_raw", partial(self._on_image, camera),
                                      SENSOR_QOS, callback_group=inputs)
         self.create_subscription(JointState, "joint_states", self._on_joints, SENSOR_QOS, callback_group=inputs)
         self.create_subscription(String, "task/instruction", self._on_instruction, LATCHED_QOS, callback_group=inputs)

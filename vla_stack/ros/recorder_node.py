@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+from functools import partial
 
 import numpy as np
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
@@ -73,7 +74,7 @@ class RecorderNode(Node):
 
         inputs, control = MutuallyExclusiveCallbackGroup(), MutuallyExclusiveCallbackGroup()
         for camera in self.cameras:
-            self.create_subscription(Image, f"{camera}/image_raw", lambda m, c=camera: self._on_image(c, m),
+            self.create_subscription(Image, f"{camera}/image_raw", partial(self._on_image, camera),
                                      SENSOR_QOS, callback_group=inputs)
         self.create_subscription(JointState, "joint_states", self._on_joints, SENSOR_QOS, callback_group=inputs)
         self.create_subscription(JointTrajectory, f"{controller}/joint_trajectory", self._on_arm, COMMAND_QOS,
