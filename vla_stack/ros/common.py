@@ -132,9 +132,8 @@ def run(make_node: Callable[[], Node]) -> None:
     ends in one line on stderr and exit code 2.
 
     One executor thread: the nodes' slow work (physics, rendering, inference) runs on their own threads and
-    callbacks only store messages, so more executor threads add nothing but GIL contention. With rclpy's
-    MultiThreadedExecutor (4 threads) the shipped VLA's image-to-command latency in `bench ros` was p50 52 /
-    p99 110 ms, the images' age when inference started p99 71 ms; with this executor 41 / 58 and 17.5 ms."""
+    callbacks only store messages, so more executor threads add nothing but GIL contention (`bench ros` with
+    rclpy's 4-thread MultiThreadedExecutor: image-to-command p99 110 ms; with this one 45 ms, README)."""
     # The control, render and inference threads make many short calls into mujoco/torch, each re-taking the
     # GIL from the executor thread; with Python's default 5 ms switch interval they queue behind it.
     sys.setswitchinterval(2e-4)
