@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -62,6 +63,39 @@ def freeze_heap() -> None:
 
 def seconds(stamp: Time) -> float:
     return stamp.sec + stamp.nanosec * 1e-9
+
+
+class ImageSync:
+    """The newest set of one image per camera whose stamps lie within `slop` seconds of each other
+    (message_filters' approximate-time policy; message_filters has no wheel here). Cameras rendered or
+    triggered together share a stamp; free-running ones land within half a frame period. Without it a
+    policy can pair this moment's front image with the previous wrist image whenever they arrive in the
+    other order."""
+
+    def __init__(self, cameras: Sequence[str], slop: float, depth: int = 4):
+        if slop < 0:
+            raise VlaStackError(f"image sync slop must be >= 0 s, got {slop}")
+        self.slop = slop
+        self._buffers: dict[str, deque] = {c: deque(maxlen=depth) for c in cameras}
+        self._last = -math.inf  # oldest stamp of the last set handed out
+
+    def add(self, camera: str, msg: Image) -> dict[str, Image] | None:
+        """Buffer msg; the set it completes if that is newer than the last one handed out, else None."""
+        self._buffers[camera].append(msg)
+        t = seconds(msg.header.stamp)
+        matched = {camera: msg}
+        for other, buffer in self._buffers.items():
+            if other == camera:
+                continue
+            best = min(buffer, key=lambda m: abs(seconds(m.header.stamp) - t), default=None)
+            if best is None or abs(seconds(best.header.stamp) - t) > self.slop:
+                return None
+            matched[other] = best
+        oldest = min(seconds(m.header.stamp) for m in matched.values())
+        if oldest <= self._last:
+            return None
+        self._last = oldest
+        return matched
 
 
 def duration(t: float) -> Duration:

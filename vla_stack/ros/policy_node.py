@@ -1,9 +1,10 @@
 """policy_node: a lifecycle node that turns camera images, joint states and the instruction into action chunks.
 
 configure loads the policy (`expert` or a checkpoint path), activate starts control, deactivate holds the arm.
-Inference runs on a worker thread, woken as soon as every camera has delivered a new image since the last step
-(so the images are of one moment and image-to-command latency is inference plus transport) or after one control
-period without that, when the watchdog decides whether the inputs went stale; callbacks only store the newest messages, so they never block. Each chunk becomes a multi-point
+Inference runs on a worker thread, woken as soon as every camera has delivered an image of one new moment
+(stamps within `image_sync_slop`, so image-to-command latency is inference plus transport) or after one control
+period without that, when the watchdog decides whether the inputs went stale; callbacks only store the newest
+messages, so they never block. Each chunk becomes a multi-point
 JointTrajectory (arm) plus one for the gripper, time-stamped at send time, through the safety layer. ~/status
 (JSON) says what the node does and why it holds.
 """
@@ -22,8 +23,8 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 
 from vla_stack.errors import VlaStackError
-from vla_stack.ros.common import (LATCHED_QOS, PUBLISH_QOS, SENSOR_QOS, freeze_heap, image_array, joint_positions,
-                                   param, run, seconds, yield_to_control)
+from vla_stack.ros.common import (LATCHED_QOS, PUBLISH_QOS, SENSOR_QOS, ImageSync, freeze_heap, image_array,
+                                   joint_positions, param, run, seconds, yield_to_control)
 from vla_stack.ros.policy_source import load_source
 from vla_stack.ros.safety_gate import SafetyGate
 from vla_stack.safety import Watchdog
@@ -46,6 +47,8 @@ class PolicyNode(LifecycleNode):
                                                                   "each triggers inference", True))
         self.action_dt = param(self, "action_dt", 0.1, "Seconds between the points of an action chunk (the "
                                                        "policy's training frame period)", True)
+        slop = param(self, "image_sync_slop", 0.05, "Cameras' images are one observation when their stamps lie "
+                                                    "within this (s); sim cameras share a stamp", True)
         max_age = param(self, "max_input_age", 0.2, "Hold when an image or joint state is older than this (s)", True)
         self.period = 1.0 / param(self, "control_rate", 10.0, "Inference rate in Hz when images keep coming", True)
         self.inference_threads = param(self, "inference_threads", 1, "torch threads for inference (1 keeps the "
@@ -62,7 +65,8 @@ class PolicyNode(LifecycleNode):
                           True)
         self.workers = ReentrantCallbackGroup()
         self.gate = SafetyGate(self, self.robot, self.workers)
-        self.watchdog = Watchdog([*(f"{c} image" for c in self.cameras), "joint_states"], max_age)
+        # "image set": cameras that keep publishing but never within image_sync_slop of each other also hold
+        self.watchdog = Watchdog([*(f"{c} image" for c in self.cameras), "image set", "joint_states"], max_age)
         self.status_pub = self.create_publisher(String, "~/status", PUBLISH_QOS)
         inputs = MutuallyExclusiveCallbackGroup()
         for camera in self.cameras:
@@ -75,9 +79,9 @@ class PolicyNode(LifecycleNode):
         self._joints: JointState | None = None
         self._oracle: dict | None = None
         self.instruction = ""
+        self._sync = ImageSync(self.cameras, slop)
         self._wake = threading.Condition()
         self._fresh = False
-        self._unseen: set[str] = set()  # cameras with a new image since the last step
         self._active = False
         self._thread: threading.Thread | None = None
         self.source = None
@@ -142,12 +146,12 @@ class PolicyNode(LifecycleNode):
 
     # ------------------------------------------------------------------------------------------- inputs
     def _on_image(self, camera: str, msg: Image) -> None:
-        self._images[camera] = msg
         self.watchdog.feed(f"{camera} image", seconds(msg.header.stamp))
-        with self._wake:
-            self._unseen.add(camera)
-            if self._unseen.issuperset(self.cameras):
-                self._unseen.clear()
+        matched = self._sync.add(camera, msg)
+        if matched is not None:
+            self.watchdog.feed("image set", min(seconds(m.header.stamp) for m in matched.values()))
+            with self._wake:
+                self._images = matched
                 self._fresh = True
                 self._wake.notify()
 
@@ -191,7 +195,8 @@ class PolicyNode(LifecycleNode):
         self._status("holding", reasons=reasons)
 
     def _step(self) -> None:
-        joints, images = self._joints, dict(self._images)
+        with self._wake:
+            joints, images = self._joints, self._images
         measured = joint_positions(joints, [*self.robot.arm_joints, self.robot.gripper_joint])
         if measured is None:
             self._hold([f"joint_states lack the joints {[*self.robot.arm_joints, self.robot.gripper_joint]}"],

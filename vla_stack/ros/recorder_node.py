@@ -1,5 +1,6 @@
 """recorder_node: records synchronised episodes from topics into the zarr EpisodeStore (the demo format that
-training reads). At a fixed rate it takes the newest image of each camera, the newest joint state and the last
+training reads). At a fixed rate it takes the newest set of camera images of one moment (stamps within
+`image_sync_slop`), the newest joint state and the last
 command sent to the controllers (the action), and appends them as one frame; ~/start, ~/stop (commit) and
 ~/discard (std_srvs/Trigger) bracket episodes. A commit is one atomic rename in the store, so killing the
 recorder loses at most the episode being recorded."""
@@ -25,6 +26,7 @@ from vla_stack.ros.common import (
     LATCHED_QOS,
     PUBLISH_QOS,
     SENSOR_QOS,
+    ImageSync,
     image_array,
     joint_positions,
     param,
@@ -48,6 +50,8 @@ class RecorderNode(Node):
                                                       "(task/info overrides it)", True)
         self.instruction = param(self, "instruction", "", "Instruction stored with each episode when no "
                                                            "task/instruction is published", True)
+        slop = param(self, "image_sync_slop", 0.05, "Cameras' images belong to one frame when their stamps lie "
+                                                    "within this (s)", True)
         max_age = param(self, "max_input_age", 0.2, "Skip (and count) a frame when an input is older (s)", True)
         controller = param(self, "controller", "arm_controller", "Arm controller whose commands are the action", True)
         gripper = param(self, "gripper_controller", "gripper_controller", "Gripper controller name", True)
@@ -60,7 +64,8 @@ class RecorderNode(Node):
         features["action"] = {"dtype": "float32", "shape": [len(names)], "names": names}
         features["subtask_index"] = {"dtype": "int64", "shape": [], "names": None}
         self.store = EpisodeStore.open_or_create(store, robot=self.robot.name, fps=int(fps), features=features)
-        self.watchdog = Watchdog([*(f"{c} image" for c in self.cameras), "joint_states"], max_age)
+        self.watchdog = Watchdog([*(f"{c} image" for c in self.cameras), "image set", "joint_states"], max_age)
+        self._sync = ImageSync(self.cameras, slop)
         self.images: dict[str, Image] = {}
         self.joints = None
         self.arm_command: np.ndarray | None = None
@@ -98,8 +103,11 @@ class RecorderNode(Node):
 
     # ------------------------------------------------------------------------------------------- inputs
     def _on_image(self, camera: str, msg: Image) -> None:
-        self.images[camera] = msg
         self.watchdog.feed(f"{camera} image", seconds(msg.header.stamp))
+        matched = self._sync.add(camera, msg)
+        if matched is not None:
+            self.images = matched
+            self.watchdog.feed("image set", min(seconds(m.header.stamp) for m in matched.values()))
 
     def _on_joints(self, msg: JointState) -> None:
         measured = joint_positions(msg, [*self.robot.arm_joints, self.robot.gripper_joint])
