@@ -347,22 +347,38 @@ class HighLevelModel(nn.Module):
         return directory
 
 
+def build_model(model_config: dict, text: MiniLMText | None = None):
+    """A new high level from a training config's `model` section: `backbone: hf` (with hf_path) wraps a
+    pretrained VLM (hf_model.py), anything else is the tiny model."""
+    if model_config.get("backbone") == "hf":
+        from vla_stack.planners.mem.hf_model import HFHighLevelModel, HFMemConfig
+
+        return HFHighLevelModel(HFMemConfig.from_dict(dict(model_config)))
+    return HighLevelModel(MemConfig.from_dict(dict(model_config)), text=text)
+
+
 def load_model(directory: Path | str, text: MiniLMText | None = None) -> HighLevelModel:
-    """Load a checkpoint directory; anything missing, truncated or mismatched raises CheckpointError."""
+    """Load a checkpoint directory (tiny or hf); anything missing, truncated or mismatched raises
+    CheckpointError."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
     config_path, weights_path = directory / "config.json", directory / "model.safetensors"
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise CheckpointError(f"high-level checkpoint {directory} has no {path.name}")
+    if not config_path.is_file():
+        raise CheckpointError(f"high-level checkpoint {directory} has no {config_path.name}")
     try:
         meta = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"high-level checkpoint {config_path} is not valid JSON ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{config_path} is not a {FORMAT} checkpoint config")
+    if meta["config"].get("backbone") == "hf":
+        from vla_stack.planners.mem.hf_model import load_hf_model
+
+        return load_hf_model(directory, meta)
+    if not weights_path.is_file():
+        raise CheckpointError(f"high-level checkpoint {directory} has no {weights_path.name}")
     try:
         config = MemConfig.from_dict(meta["config"])
         model = HighLevelModel(config, text=text)

@@ -1,7 +1,8 @@
 """Train the high-level model from episode stores (see data.py for the samples) and score it on held-out stores.
 
 YAML config (policies/mem_tiny.yaml):
-    model: {width, encoder_layers, decoder_layers, heads, image_size, patch, ...}   (MemConfig fields)
+    model: {width, encoder_layers, decoder_layers, heads, image_size, patch, ...}   (MemConfig fields), or
+           {backbone: hf, hf_path: <local VLM dir>, hf_dtype, ...}                  (HFMemConfig fields)
     data:  {train: [stores], heldout: [stores], boundary_frames, steady_per_subtask, reset_samples,
             steady_before_boundary}
     train: {output_dir, export_dir, steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, image_shift,
@@ -27,7 +28,8 @@ from vla_stack.errors import VlaStackError
 from vla_stack.paths import resolve_data_path
 from vla_stack.planners.mem.data import Sample, build_samples
 from vla_stack.planners.mem.memory import EMPTY, canonical
-from vla_stack.planners.mem.model import HighLevelModel, MemConfig, MiniLMText, prepare_images
+from vla_stack.planners.mem.hf_model import HFMemConfig
+from vla_stack.planners.mem.model import HighLevelModel, MemConfig, MiniLMText, build_model, prepare_images
 
 TRAIN_DEFAULTS = {"output_dir": None, "export_dir": None, "steps": 3000, "batch_size": 64, "lr": 1e-3,
                   "warmup_steps": 100, "weight_decay": 1e-4, "grad_clip": 1.0, "image_shift": 4, "use_memory": True,
@@ -52,7 +54,10 @@ def load_config(path: Path) -> dict:
         bad = set(config[section]) - set(defaults)
         if bad:
             raise VlaStackError(f"{path}: unknown {section} keys {sorted(bad)}")
-    MemConfig.from_dict(config["model"])
+    if config["model"].get("backbone") == "hf":
+        HFMemConfig.from_dict(dict(config["model"]))
+    else:
+        MemConfig.from_dict(config["model"])
     if not config["data"]["train"]:
         raise VlaStackError(f"{path}: data.train lists no episode stores")
     return config
@@ -125,8 +130,7 @@ def train(config_path: Path, progress: bool = True) -> dict:
     torch.manual_seed(tcfg["seed"])
     rng = np.random.default_rng(tcfg["seed"])
     output_dir = resolve_data_path(tcfg["output_dir"] or Path("mem/runs") / Path(config_path).stem)
-    text = MiniLMText()
-    model = HighLevelModel(MemConfig.from_dict(dict(config["model"])), text=text)
+    model = build_model(config["model"], text=None if config["model"].get("backbone") == "hf" else MiniLMText())
     sample_kwargs = {k: dcfg[k] for k in ("boundary_frames", "steady_per_subtask", "reset_samples",
                                           "steady_before_boundary")}
     train_stores = [resolve_data_path(p) for p in dcfg["train"]]
