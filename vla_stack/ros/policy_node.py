@@ -4,9 +4,8 @@ configure loads the policy (`expert` or a checkpoint path), activate starts cont
 Inference runs on a worker thread, woken as soon as every camera has delivered an image of one new moment
 (stamps within `image_sync_slop`, so image-to-command latency is inference plus transport) or after one control
 period without that, when the watchdog decides whether the inputs went stale; callbacks only store the newest
-messages, so they never block. Each chunk becomes a multi-point
-JointTrajectory (arm) plus one for the gripper, time-stamped at send time, through the safety layer. ~/status
-(JSON) says what the node does and why it holds.
+messages, so they never block. Each chunk becomes a multi-point JointTrajectory (arm) plus one for the gripper,
+time-stamped at send time, through the safety layer. ~/status (JSON) says what the node does and why it holds.
 """
 
 from __future__ import annotations
