@@ -294,7 +294,14 @@ def test_make_policy_options_and_subtask_executor(tmp_path, text):
             make_policy(ScriptedExpert(env), env, checkpoint=tmp_path / "nothing")
         planner = make_policy(ScriptedExpert(env), env, checkpoint=path, memory="off", check_every="3", settle="4")
         assert isinstance(planner.policy, SubtaskExpert) and not planner.use_memory and planner.check_every == 3
-        assert planner.settle == 4
+        assert planner.settle == 4 and (planner.threshold, planner.confirm) == (0.5, 1)  # no calibration saved
+        # A checkpoint's calibrated trigger is the default; options still override it.
+        calibrated = HighLevelModel(MemConfig(**TINY), text=text).save(
+            tmp_path / "calibrated", extra={"use_memory": True, "trigger": {"threshold": 0.8, "confirm": 2}})
+        planner = make_policy(ScriptedExpert(env), env, checkpoint=calibrated)
+        assert (planner.threshold, planner.confirm) == (0.8, 2)
+        planner = make_policy(ScriptedExpert(env), env, checkpoint=calibrated, threshold="0.6")
+        assert (planner.threshold, planner.confirm) == (0.6, 2)
         # The subtask executor runs exactly the subtask it is given.
         env.reset(seed=2)
         executor = SubtaskExpert(env)

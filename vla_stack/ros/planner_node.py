@@ -29,19 +29,23 @@ class PlannerNode(Node):
     def __init__(self, **kwargs):
         super().__init__("planner_node", **kwargs)
         from vla_stack.planners.mem.model import load_model
-        from vla_stack.planners.mem.policy import MemPlanner, default_checkpoint
+        from vla_stack.planners.mem.policy import MemPlanner, default_checkpoint, trigger_settings
 
         checkpoint = param(self, "checkpoint", "", "High-level checkpoint directory ('' = the shipped mem_tiny)", True)
         use_memory = param(self, "memory", True, "Feed the memory back to the high level (false = the ablation)",
                            True)
         check_every = param(self, "check_every", 5, "Run the completion head every N control periods", True)
         replan_steps = param(self, "replan_steps", 100, "Call the high level after N periods without a call", True)
-        threshold = param(self, "threshold", 0.5, "Completion probability that triggers a high-level call", True)
+        threshold = param(self, "threshold", 0.0, "Completion probability that triggers a high-level call "
+                                                  "(0 = the checkpoint's)", True)
+        confirm = param(self, "confirm", 0, "Consecutive positive completion checks before a call (0 = the "
+                                            "checkpoint's)", True)
         rate = param(self, "control_rate", 10.0, "Control periods per second (the policy's rate)", True)
         self.camera = param(self, "camera", "front", "Camera the high level sees", True)
         model = load_model(checkpoint or default_checkpoint())  # CheckpointError -> one-line error, exit 2
+        threshold, confirm = trigger_settings(model, threshold or None, confirm or None)
         self.planner = MemPlanner(None, None, model, use_memory=use_memory, check_every=check_every,
-                                  replan_steps=replan_steps, threshold=threshold)
+                                  replan_steps=replan_steps, threshold=threshold, confirm=confirm)
         self.planner.warn = lambda message: self.get_logger().warning(message)
         self._lock = threading.Lock()
         self._image: Image | None = None

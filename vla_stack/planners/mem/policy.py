@@ -328,20 +328,31 @@ def _flag(value, name: str) -> bool:
     raise VlaStackError(f"planner option {name} must be on or off, got {value!r}")
 
 
+def trigger_settings(model, threshold=None, confirm=None) -> tuple[float, int]:
+    """The completion head's firing threshold and debounce: given ones, else those the checkpoint was
+    calibrated with (config.json "trigger"), else 0.5 and 1."""
+    saved = model.checkpoint_meta.get("trigger", {}) if hasattr(model, "checkpoint_meta") else {}
+    return (float(saved.get("threshold", 0.5) if threshold is None else threshold),
+            int(saved.get("confirm", 1) if confirm is None else confirm))
+
+
 def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_every=5, replan_steps=100,
-                threshold=0.5, confirm=1, settle=0, **unknown) -> MemPlanner:
+                threshold=None, confirm=None, settle=0, **unknown) -> MemPlanner:
     """The `--planner mem` entry point (see vla_stack.planners.wrap_policy). Options arrive as strings from the
     command line: memory=on|off, check_every=N, replan_steps=N, threshold=P, settle=N (steps from the head firing
-    to the call), confirm=N (consecutive positive completion checks before a call)."""
+    to the call), confirm=N (consecutive positive completion checks before a call); threshold and confirm default
+    to the checkpoint's."""
     if unknown:
         raise VlaStackError(f"unknown mem planner option(s) {sorted(unknown)} "
                             "(known: memory, check_every, replan_steps, threshold, confirm, settle)")
     try:
-        check_every, replan_steps, threshold = int(check_every), int(replan_steps), float(threshold)
-        confirm, settle = int(confirm), int(settle)
+        check_every, replan_steps, settle = int(check_every), int(replan_steps), int(settle)
+        threshold = None if threshold is None else float(threshold)
+        confirm = None if confirm is None else int(confirm)
     except ValueError as exc:
         raise VlaStackError(f"bad mem planner option: {exc}") from None
     model = load_model(Path(checkpoint) if checkpoint else default_checkpoint())
+    threshold, confirm = trigger_settings(model, threshold, confirm)
     use_memory = _flag(memory, "memory") and bool(model.checkpoint_meta.get("use_memory", True))
     low_level = None
     if type(policy) is ScriptedExpert:

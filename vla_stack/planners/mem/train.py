@@ -7,6 +7,8 @@ YAML config (policies/mem_tiny.yaml):
             steady_before_boundary}
     train: {output_dir, export_dir, steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, image_shift,
             use_memory, seed, max_minutes, eval_every}
+    trigger: {threshold, confirm}   (optional) the completion head's firing threshold and debounce stored with
+             the checkpoint, the planner's defaults (calibrated closed loop on validation seeds)
 `use_memory: false` trains the no-memory ablation: every sample is fed the empty memory.
 """
 
@@ -45,11 +47,13 @@ def load_config(path: Path) -> dict:
         raise VlaStackError(f"cannot read high-level training config {path}: {exc}") from None
     if not isinstance(raw, dict):
         raise VlaStackError(f"{path}: expected model:, data:, train: sections")
-    unknown = set(raw) - {"model", "data", "train"}
+    unknown = set(raw) - {"model", "data", "train", "trigger"}
     if unknown:
         raise VlaStackError(f"{path}: unknown sections {sorted(unknown)}")
     config = {"model": raw.get("model") or {}, "data": {**DATA_DEFAULTS, **(raw.get("data") or {})},
-              "train": {**TRAIN_DEFAULTS, **(raw.get("train") or {})}}
+              "train": {**TRAIN_DEFAULTS, **(raw.get("train") or {})}, "trigger": raw.get("trigger") or {}}
+    if set(config["trigger"]) - {"threshold", "confirm"}:
+        raise VlaStackError(f"{path}: trigger takes threshold and confirm only")
     for section, defaults in (("data", DATA_DEFAULTS), ("train", TRAIN_DEFAULTS)):
         bad = set(config[section]) - set(defaults)
         if bad:
@@ -151,7 +155,8 @@ def train(config_path: Path, progress: bool = True) -> dict:
     result["train_stores"] = dcfg["train"]
     result["heldout_stores"] = dcfg["heldout"]
     result["heldout_last_episodes_per_train_store"] = dcfg["heldout_last"]
-    extra = {"use_memory": bool(tcfg["use_memory"]), "train": {k: v for k, v in result.items() if k != "history"}}
+    extra = {"use_memory": bool(tcfg["use_memory"]), "trigger": config["trigger"],
+             "train": {k: v for k, v in result.items() if k != "history"}}
     model.save(output_dir, extra=extra)
     (output_dir / "train_result.json").write_text(json.dumps(result, indent=2) + "\n")
     if tcfg["export_dir"]:
