@@ -14,28 +14,14 @@ from vla_stack.planners.mem.hf_model import HFHighLevelModel, HFMemConfig
 from vla_stack.planners.mem.model import CheckpointError, build_model, grammar_texts, load_model
 from vla_stack.planners.mem.train import SampleSet, fit, score
 
+from vla_helpers import save_tiny_smolvlm
+
 
 @pytest.fixture(scope="module")
 def vlm_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, SmolVLMConfig, SmolVLMForConditionalGeneration
-
     path = tmp_path_factory.mktemp("tiny_smolvlm_lm")
     words = sorted({w for t in grammar_texts() + ["goal: memory: next: | empty"] for w in re.findall(r"\w+|[^\w\s]", t)})
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<image>", "</s>", *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
-                            eos_token="</s>").save_pretrained(path)
-    config = SmolVLMConfig(
-        image_token_id=vocab["<image>"], scale_factor=2,
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        text_config={"model_type": "llama", "vocab_size": len(vocab), "hidden_size": 64, "intermediate_size": 128,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "max_position_embeddings": 256, "pad_token_id": 0})
-    torch.manual_seed(0)
-    SmolVLMForConditionalGeneration(config).save_pretrained(path)
+    save_tiny_smolvlm(path, words, with_lm_head=True)
     return path
 
 

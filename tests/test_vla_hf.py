@@ -8,28 +8,15 @@ from vla_stack.errors import VlaStackError
 from vla_stack.policy.vla.configuration_vla import VlaConfig
 from vla_stack.policy.vla.modeling_vla import VlaModel, euler_sample
 
+from vla_helpers import save_tiny_smolvlm
+
 WORDS = ["pick", "up", "the", "red", "blue", "cube", "put", "in", "bowl"]
 
 
 @pytest.fixture(scope="module")
 def vlm_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, SmolVLMConfig, SmolVLMModel
-
     path = tmp_path_factory.mktemp("tiny_smolvlm")
-    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<image>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>").save_pretrained(path)
-    config = SmolVLMConfig(
-        image_token_id=vocab["<image>"], scale_factor=2,
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        text_config={"model_type": "llama", "vocab_size": len(vocab), "hidden_size": 64, "intermediate_size": 128,
-                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "max_position_embeddings": 128, "pad_token_id": 0})
-    torch.manual_seed(0)
-    SmolVLMModel(config).save_pretrained(path)
+    save_tiny_smolvlm(path, WORDS)
     return path
 
 

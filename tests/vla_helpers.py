@@ -39,3 +39,25 @@ def observation(robot: str = "panda", size: int = 48) -> dict:
     return {"images": {c: rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for c in ("front", "wrist")},
             "state": rng.normal(size=len(EMBODIMENTS[robot])).astype(np.float32),
             "instruction": "pick up the red cube"}
+
+
+def save_tiny_smolvlm(path, words: list[str], with_lm_head: bool = False) -> None:
+    """A random SmolVLM (the real transformers classes, ~100k parameters) and a word-level tokenizer over
+    `words`, saved to `path` as a local VLM directory: the hf code paths run offline, no hub."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMModel
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<image>", "</s>", *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                            eos_token="</s>").save_pretrained(path)
+    config = SmolVLMConfig(
+        image_token_id=vocab["<image>"], scale_factor=2,
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        text_config={"model_type": "llama", "vocab_size": len(vocab), "hidden_size": 64, "intermediate_size": 128,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "max_position_embeddings": 256, "pad_token_id": 0})
+    torch.manual_seed(0)
+    (SmolVLMForConditionalGeneration if with_lm_head else SmolVLMModel)(config).save_pretrained(path)
