@@ -1,8 +1,7 @@
 """recorder_node: records synchronised episodes from topics into the zarr EpisodeStore (the demo format that
 training reads). At a fixed rate it takes the newest set of camera images of one moment (stamps within
-`image_sync_slop`), the newest joint state and the last
-command sent to the controllers (the action), and appends them as one frame; ~/start, ~/stop (commit) and
-~/discard (std_srvs/Trigger) bracket episodes. A commit is one atomic rename in the store, so killing the
+`image_sync_slop`), the newest joint state and the last command sent to the controllers (the action), and
+appends them as one frame; ~/start, ~/stop (commit) and ~/discard (std_srvs/Trigger) bracket episodes. A commit is one atomic rename in the store, so killing the
 recorder loses at most the episode being recorded."""
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from vla_stack.paths import resolve_data_path
 from vla_stack.planners.mem.data import Sample, build_samples
 from vla_stack.planners.mem.memory import EMPTY, canonical
 from vla_stack.planners.mem.hf_model import HFMemConfig
-from vla_stack.planners.mem.model import HighLevelModel, MemConfig, MiniLMText, build_model, prepare_images
+from vla_stack.planners.mem.model import HighLevelModel, MemConfig, build_model, prepare_images
 
 TRAIN_DEFAULTS = {"output_dir": None, "export_dir": None, "steps": 3000, "batch_size": 64, "lr": 1e-3,
                   "warmup_steps": 100, "weight_decay": 1e-4, "grad_clip": 1.0, "image_shift": 4, "use_memory": True,
@@ -134,7 +134,7 @@ def train(config_path: Path, progress: bool = True) -> dict:
     torch.manual_seed(tcfg["seed"])
     rng = np.random.default_rng(tcfg["seed"])
     output_dir = resolve_data_path(tcfg["output_dir"] or Path("mem/runs") / Path(config_path).stem)
-    model = build_model(config["model"], text=None if config["model"].get("backbone") == "hf" else MiniLMText())
+    model = build_model(config["model"])
     sample_kwargs = {k: dcfg[k] for k in ("boundary_frames", "steady_per_subtask", "reset_samples",
                                           "steady_before_boundary")}
     train_stores = [resolve_data_path(p) for p in dcfg["train"]]
