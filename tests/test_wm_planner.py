@@ -59,6 +59,19 @@ def test_planner_runs_an_episode(env, vla, wm_checkpoint, mode):
     np.testing.assert_array_equal(actions[0], actions[1])
 
 
+def test_the_deadline_covers_the_whole_decision(env, vla, wm_checkpoint):
+    """The search gets what the VLA proposals and the encoding left of the decision deadline."""
+    planner = wrap_policy("wm", vla, env, checkpoint=wm_checkpoint, k=2, deadline_s=0.5)
+    obs, _ = env.reset(seed=1_000_000)
+    planner.reset(seed=1_000_000)
+    planner.predict_action_chunk(obs)
+    record = planner._decisions[-1]
+    assert record["stopped_by"] == "deadline"
+    assert 0 < record["search_deadline_ms"] <= 500 - record["proposal_ms"]
+    with pytest.raises(VlaStackError, match="deadline_s must be positive"):
+        wrap_policy("wm", vla, env, checkpoint=wm_checkpoint, deadline_s=0)
+
+
 def test_planner_refuses_bad_observations_and_robots(env, vla, wm_checkpoint):
     planner = wrap_policy("wm", vla, env, checkpoint=wm_checkpoint, k=2, deadline_s=0.02)
     obs, _ = env.reset(seed=1_000_000)
@@ -119,7 +132,7 @@ def test_policy_node_planner_parameter(wm_checkpoint):
         node = PolicyNode(context=context, parameter_overrides=params)
         assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         assert node.source.name == "vla_tiny+wm"
-        assert node.source.policy.search_config.deadline_s == 0.05
+        assert node.source.policy.deadline_s == 0.05
         node.destroy_node()
         bad = PolicyNode(context=context, parameter_overrides=[Parameter("policy", value=vla),
                                                                Parameter("planner", value="bogus")])

@@ -40,8 +40,8 @@ class PolicyNode(LifecycleNode):
                                                       "MCTS over VLA chunks) or mem", True)
         self.planner_checkpoint = param(self, "planner_checkpoint", "", "Planner checkpoint directory ('' = the "
                                                                         "shipped one)", True)
-        self.planner_deadline = param(self, "planner_deadline", 0.15, "Search deadline per decision (s) of the "
-                                                                      "wm planner", True)
+        self.planner_deadline = param(self, "planner_deadline", 0.15, "Deadline of one wm planner decision (s): "
+                                                                      "VLA proposals + search", True)
         self.cameras = list(param(self, "cameras", list(CAMERAS), "Cameras the policy sees; a new image from "
                                                                   "each triggers inference", True))
         self.action_dt = param(self, "action_dt", 0.1, "Seconds between the points of an action chunk (the "

@@ -13,8 +13,8 @@ The root's children are given (the VLA's K sampled chunks); deeper nodes draw th
 - PUCT selection on min-max normalised Q (MuZero), first-play urgency = the parent's value.
 - Batched: each round selects up to `batch_size` distinct leaves with virtual loss, expands them with one
   dynamics/evaluate/propose call each, then backs up.
-- Anytime: stops before a round that would end past the deadline (judged by the last round's duration);
-  `clock` is injectable so deadline behaviour is testable without timing.
+- Anytime: stops before a round that would end past the deadline, judged by the longest of the last three
+  rounds (rounds vary with the tree's shape); `clock` is injectable so deadline behaviour is testable.
 - Deterministic given `seed` (one numpy Generator; ties broken by index).
 - Python's cyclic garbage collector is paused during a search: the tree has no reference cycles (refcounting
   frees it), and a full collection in a process holding torch, MuJoCo and the models (~410k objects) takes
@@ -138,7 +138,7 @@ def _search(root_latent, root_chunks, dynamics, evaluate, propose, cfg: SearchCo
     minmax = _MinMax()
     minmax.update(root.value)
     stats = {"simulations": 0, "rollouts": 0, "model_rounds": 0, "nodes": 1, "max_depth": 0, "stopped_by": None}
-    last_round = 0.0
+    recent_rounds = [0.0]  # durations of the last rounds: the next one is predicted to take their maximum
 
     pw_k, pw_alpha, c_puct = cfg.pw_k, cfg.pw_alpha, cfg.c_puct
 
@@ -165,7 +165,7 @@ def _search(root_latent, root_chunks, dynamics, evaluate, propose, cfg: SearchCo
         if stats["simulations"] >= cfg.max_simulations:
             stats["stopped_by"] = "simulations"
             break
-        if cfg.deadline_s is not None and clock() - start + last_round >= cfg.deadline_s:
+        if cfg.deadline_s is not None and clock() - start + max(recent_rounds) >= cfg.deadline_s:
             stats["stopped_by"] = "deadline"
             break
         round_start = clock()
@@ -239,7 +239,7 @@ def _search(root_latent, root_chunks, dynamics, evaluate, propose, cfg: SearchCo
                 p.value_sum += g_ret
             stats["simulations"] += 1
         stats["model_rounds"] += 1
-        last_round = clock() - round_start
+        recent_rounds = [*recent_rounds[-2:], clock() - round_start]
 
     # ---- decision: most visited root child (ties: higher Q, then lower index)
     n, w = np.array(root.n), np.array(root.w)

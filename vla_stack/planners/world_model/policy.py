@@ -5,7 +5,10 @@ select_action), plus episode_metrics() and summary() for the evaluation JSON.
 
 Modes: `mcts` (tree search, mcts.search), `best_of_k` (one latent step per candidate, best value: the
 no-search baseline), `first` (the first VLA sample executed H steps open loop: the VLA alone at the same
-re-planning rate, to separate planning from the execution schedule)."""
+re-planning rate, to separate planning from the execution schedule).
+
+The deadline (`deadline_s`) is the whole decision's: sampling the K proposals and encoding the observation come
+out of it, and the search gets what is left, so a decision ends within it."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from vla_stack.planners.world_model.mcts import SearchConfig, best_of_k, search
 from vla_stack.planners.world_model.model import LatentSearchModel, load_world_model
 
 MODES = ("mcts", "best_of_k", "first")
+DECISION_RESERVE_S = 0.001  # kept back from the search for what follows it in a decision (copying the chunk)
 
 
 def default_checkpoint() -> Path:
@@ -44,7 +48,7 @@ class WorldModelPlanner:
 
     def __init__(self, vla, world_model, robot: str, *, k: int = 8, mode: str = "mcts",
                  search_config: SearchConfig | None = None, progress_weight: float = 0.25,
-                 temperature: float = 1.5, threads: int | None = None):
+                 temperature: float = 1.5, threads: int | None = None, deadline_s: float | None = 0.15):
         if mode not in MODES:
             raise VlaStackError(f"unknown wm planner mode '{mode}' (known: {', '.join(MODES)})")
         for attr in ("model", "config", "batch", "observe", "to_robot", "num_steps"):
@@ -58,6 +62,9 @@ class WorldModelPlanner:
             raise VlaStackError(f"VLA chunks ({vla.config.chunk_size}) are shorter than the world model's ({cfg.chunk})")
         if k < 1:
             raise VlaStackError("k must be at least 1")
+        if deadline_s is not None and deadline_s <= 0:
+            raise VlaStackError(f"deadline_s must be positive (or None: no deadline), got {deadline_s}")
+        self.deadline_s = deadline_s
         self.vla, self.wm, self.robot, self.k, self.mode = vla, world_model, robot, k, mode
         self.search_config = search_config or SearchConfig()
         self.progress_weight, self.temperature = progress_weight, temperature
@@ -105,11 +112,14 @@ class WorldModelPlanner:
             if self.mode == "best_of_k":
                 result = best_of_k(z, norm, lsm.dynamics, lsm.evaluate)
             else:
-                cfg = SearchConfig(**{**self.search_config.__dict__,
+                left = None if self.deadline_s is None else max(0.0, self.deadline_s - (time.perf_counter() - t0)
+                                                                  - DECISION_RESERVE_S)
+                cfg = SearchConfig(**{**self.search_config.__dict__, "deadline_s": left,
                                       "seed": self._seed * 1000 + len(self._decisions)})
                 result = search(z, norm, lsm.dynamics, lsm.evaluate, lsm.propose, cfg)
                 record.update(simulations=result.stats["simulations"], depth=result.stats["max_depth"],
-                              stopped_by=result.stats["stopped_by"])
+                              stopped_by=result.stats["stopped_by"],
+                              search_deadline_ms=None if left is None else left * 1e3)
             index = result.index
             record["rollouts"] = result.stats["rollouts"]
         record["search_ms"] = (time.perf_counter() - t1) * 1e3
@@ -151,7 +161,9 @@ class WorldModelPlanner:
         if not allds:
             return {"mode": self.mode, "k": self.k, "decisions": 0}
         out = {"mode": self.mode, "k": self.k, "decisions": len(allds),
-               "deadline_s": self.search_config.deadline_s if self.mode == "mcts" else None,
+               "deadline_s": self.deadline_s if self.mode == "mcts" else None,
+               "decisions_over_deadline": (sum(r["decision_ms"] > self.deadline_s * 1e3 for r in allds)
+                                           if self.mode == "mcts" and self.deadline_s else None),
                "decision_ms_p50": _pct([r["decision_ms"] for r in allds], 50),
                "decision_ms_p99": _pct([r["decision_ms"] for r in allds], 99),
                "search_ms_p50": _pct([r["search_ms"] for r in allds], 50),
@@ -168,14 +180,14 @@ def _pct(values: list[float], q: float) -> float | None:
 
 
 def make_policy(policy, env, checkpoint=None, **options) -> WorldModelPlanner:
-    """The `--planner wm` entry point (vla_stack.planners.wrap_policy). options: k, mode, deadline_s,
-    batch_size, max_depth, children, c_puct, progress_weight, temperature, threads."""
+    """The `--planner wm` entry point (vla_stack.planners.wrap_policy). options: k, mode, deadline_s (of the
+    whole decision), batch_size, max_depth, children, c_puct, progress_weight, temperature, threads."""
     wm, _ = load_world_model(checkpoint or default_checkpoint())
-    search_keys = {"deadline_s", "batch_size", "max_depth", "children", "c_puct", "discount", "pw_k", "pw_alpha",
+    search_keys = {"batch_size", "max_depth", "children", "c_puct", "discount", "pw_k", "pw_alpha",
                    "max_simulations"}
     search_config = SearchConfig(**{k: v for k, v in options.items() if k in search_keys})
     rest = {k: v for k, v in options.items() if k not in search_keys}
-    unknown = set(rest) - {"k", "mode", "progress_weight", "temperature", "threads"}
+    unknown = set(rest) - {"k", "mode", "progress_weight", "temperature", "threads", "deadline_s"}
     if unknown:
         raise VlaStackError(f"unknown wm planner option(s): {', '.join(sorted(unknown))}")
     return WorldModelPlanner(policy, wm, env.robot.name, search_config=search_config, **rest)
