@@ -137,6 +137,26 @@ def test_training_samples_from_a_perturbed_store(perturbed_store):
     assert first and all(s.memory_out == memory.label(0) for s in first)
 
 
+def test_samples_name_the_running_subtask(perturbed_store):
+    """Boundary frames ran the subtask that just finished, frames inside a subtask run that subtask; the model
+    input carries it next to a non-empty memory only."""
+    from vla_stack.planners.mem.memory import model_context
+
+    samples = build_samples([perturbed_store], progress=False)
+    memory = TaskMemory(generate("restore", PANDA, 3), PANDA)
+    for s in samples:
+        k = memory.labels().index(s.memory_out)
+        if s.kind == "boundary":
+            assert s.running == ("" if s.memory_in == EMPTY else memory.subtask(k - 1))
+        else:
+            assert s.running == memory.subtask(k)
+    assert model_context(EMPTY, "put the red cube in the red bin") == EMPTY
+    assert model_context(memory.label(1), None) == memory.label(1)
+    assert model_context(memory.label(1), memory.subtask(1)) == f"{memory.label(1)} | now: {memory.subtask(1)}"
+    running = SampleSet(samples, 32, running=True)
+    assert [m for m in running.memories_in] == [model_context(s.memory_in, s.running) for s in samples]
+
+
 def test_hard_negatives_come_from_just_before_a_completion(perturbed_store):
     """`steady_before_boundary` samples: frames shortly before a subtask completes, labelled not stale."""
     from vla_stack.data.episode_store import EpisodeStore
@@ -252,10 +272,30 @@ class ScriptedOutputs(HighLevelModel):
         self.outputs, self.p = (subtask, memory), completion
 
     def generate(self, images, goals, memories, use_cache=True):
+        self.seen = getattr(self, "seen", []) + [("call", memories[0])]
         return [self.outputs[0]], [self.outputs[1]], torch.tensor([self.p])
 
     def completion_probability(self, images, goals, memories):
+        self.seen = getattr(self, "seen", []) + [("check", memories[0])]
         return torch.tensor([self.p])
+
+
+def test_planner_feeds_the_running_subtask_when_the_checkpoint_was_trained_so(text):
+    from vla_stack.planners.mem.memory import model_context
+
+    task = generate("sort", PANDA, 1)
+    memory, first = TaskMemory(task, PANDA), task.subtasks[0].text
+    image = np.zeros((64, 64, 3), np.uint8)
+    for trained_so in (False, True):
+        model = ScriptedOutputs(MemConfig(**TINY), text=text)
+        model.checkpoint_meta = {"running_subtask_input": trained_so}
+        planner = MemPlanner(None, None, model, check_every=1)
+        planner.set_scene(task, PANDA)
+        model.set_outputs(first, memory.label(0), completion=0.0)
+        planner.update(image, task.instruction)  # the first call: empty memory, nothing running
+        planner.update(image, task.instruction)  # a completion check
+        expected = model_context(memory.label(0), first) if trained_so else memory.label(0)
+        assert model.seen == [("call", EMPTY), ("check", expected)]
 
 
 def test_false_alarm_keeps_the_running_subtask(text):

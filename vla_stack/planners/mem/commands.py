@@ -67,7 +67,8 @@ def score_command(
     from vla_stack.planners.mem.train import SampleSet, score
 
     model = load_model(checkpoint or default_checkpoint())
-    data = SampleSet(build_samples(list(store), seed=1, last=last), model.config.image_size, use_memory=memory)
+    data = SampleSet(build_samples(list(store), seed=1, last=last), model.config.image_size, use_memory=memory,
+                     running=bool(model.checkpoint_meta.get("running_subtask_input", False)))
     result = {"checkpoint": str(checkpoint or default_checkpoint()), "stores": [str(s) for s in store],
               "last_episodes": last, "use_memory": memory, "samples": len(data), "scores": score(model, data)}
     print(json.dumps(result, indent=2))
@@ -92,13 +93,14 @@ def bench_command(
     import torch
 
     from vla_stack.evaluation import HELDOUT_SEED_START
-    from vla_stack.planners.mem.memory import TaskMemory
+    from vla_stack.planners.mem.memory import TaskMemory, model_context
     from vla_stack.planners.mem.model import load_model, prepare_images
     from vla_stack.planners.mem.policy import default_checkpoint
     from vla_stack.sim.env import TabletopEnv
 
     torch.set_num_threads(threads)
     model = load_model(checkpoint or default_checkpoint())
+    running = bool(model.checkpoint_meta.get("running_subtask_input", False))  # inputs as the planner feeds them
     env = TabletopEnv(task, "panda", cameras=("front",))
     inputs = []
     try:
@@ -106,7 +108,9 @@ def bench_command(
             obs, _ = env.reset(seed=HELDOUT_SEED_START + i)
             memory = TaskMemory(env.task, env.robot)
             image = prepare_images(obs["images"]["front"][None], model.config.image_size)
-            inputs += [(image, env.task.instruction, m) for m in ["", memory.label(0), memory.label(1)]]
+            contexts = [(k, model_context(memory.label(k), memory.subtask(k)) if running else memory.label(k))
+                        for k in (0, 1)]
+            inputs += [(image, env.task.instruction, m) for m in ["", *(c for _, c in contexts)]]
     finally:
         env.close()
     for image, goal, memory in inputs:  # warm-up, and MiniLM states of these strings get cached

@@ -54,6 +54,7 @@ class Sample:
     after_failure: bool = False  # an injected drop happened earlier in this episode
     valid_subtasks: tuple[str, ...] = ()  # every correct next subtask (sort: any unsorted cube)
     family: str = ""
+    running: str = ""  # the subtask being executed when the frame was taken ("" at the start and for resets)
 
 
 # ------------------------------------------------------------------------------------------- collection
@@ -199,28 +200,30 @@ def episode_samples(store: EpisodeStore, index: int, rng: np.random.Generator, b
 
     drop_step = meta.extra.get("drop_step")
 
-    def add(t: int, memory_in: str, k: int, stale: bool, kind: str) -> None:
+    def add(t: int, memory_in: str, k: int, stale: bool, kind: str, running: str) -> None:
         samples.append(Sample(np.asarray(images[t]), goal, memory_in, mem.subtask(k), mem.label(k), stale, index, kind,
                               after_failure=drop_step is not None and t >= drop_step,
-                              valid_subtasks=tuple(mem.valid_next(set(range(k)))), family=task.family))
+                              valid_subtasks=tuple(mem.valid_next(set(range(k)))), family=task.family,
+                              running=running))
 
     starts = [0] + [t for t in range(1, len(done)) if done[t] > done[t - 1]]
     for start in starts:
         k = int(done[start])
         stop = next((t for t in range(start + 1, len(done)) if done[t] != k), len(done))
         previous = EMPTY if start == 0 else mem.label(int(done[start - 1]))
+        finished = "" if start == 0 else mem.subtask(int(done[start - 1]))  # what ran until this boundary
         for t in range(start, min(stop, start + boundary_frames)):
-            add(t, previous, k, True, "boundary")
+            add(t, previous, k, True, "boundary", finished)
         if stop - start > 1:
             for t in rng.choice(np.arange(start, stop), size=min(steady_per_subtask, stop - start), replace=False):
-                add(int(t), mem.label(k), k, False, "steady")
+                add(int(t), mem.label(k), k, False, "steady", mem.subtask(k))
         late = np.arange(max(start + 1, stop - LATE_WINDOW), stop - LATE_GAP)
         if steady_before_boundary and stop < len(done) and len(late):
             for t in rng.choice(late, size=min(steady_before_boundary, len(late)), replace=False):
-                add(int(t), mem.label(k), k, False, "late")
+                add(int(t), mem.label(k), k, False, "late", mem.subtask(k))
     if task.family == "sort":
         for t in rng.choice(len(done), size=min(reset_samples, len(done)), replace=False):
-            add(int(t), EMPTY, int(done[t]), True, "reset")
+            add(int(t), EMPTY, int(done[t]), True, "reset", "")
     return samples
 
 

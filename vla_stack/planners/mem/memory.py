@@ -199,3 +199,13 @@ def canonical(text: str) -> str:
     if not sep or not re.fullmatch(r"\d+ of \d+ cubes sorted", head):
         return text
     return head + sep + ", ".join(sorted(items.split(", ")))
+
+
+def model_context(memory: str, running: str | None) -> str:
+    """The memory as a model input together with the subtask that was running when the image was taken.
+
+    Which subtask was being executed is what turns "read every outcome off the image" (colour confusions between
+    orange, yellow and red bins at 128 px) into "did *this* attempt succeed": the update is then the old memory
+    plus at most the running subtask's outcome. Passed only alongside a non-empty memory: at the episode start
+    and after a memory reset the model reads the whole scene."""
+    return f"{memory} | now: {running}" if memory and running else memory

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from vla_stack.errors import VlaStackError
-from vla_stack.planners.mem.memory import DONE, EMPTY, InvalidMemoryError, TaskMemory, canonical
+from vla_stack.planners.mem.memory import DONE, EMPTY, InvalidMemoryError, TaskMemory, canonical, model_context
 from vla_stack.planners.mem.model import HighLevelModel, load_model, prepare_images
 from vla_stack.policy.scripted import ScriptedExpert
 from vla_stack.sim.robots import RobotSpec
@@ -90,6 +90,8 @@ class MemPlanner:
         self._settle_at: int | None = None
         self._positives = 0
         self.policy, self.env, self.model = policy, env, model
+        # checkpoints trained with running_subtask read the memory together with the subtask being executed
+        self.running_input = bool(getattr(model, "checkpoint_meta", {}).get("running_subtask_input", False))
         self.use_memory, self.check_every, self.replan_steps, self.threshold = use_memory, check_every, replan_steps, threshold
         self.warn = log.warning  # where rejected memories and subtasks are reported (the ROS node: its logger)
         self.low_level = low_level or (getattr(policy, "name", type(policy).__name__) if policy is not None else "none")
@@ -156,7 +158,7 @@ class MemPlanner:
             if self.use_memory:
                 start = time.perf_counter()
                 p = float(self.model.completion_probability(prepare_images(image[None], self.model.config.image_size),
-                                                            [goal], [self.memory])[0])
+                                                            [goal], [self._model_memory()])[0])
                 self.check_ms.append((time.perf_counter() - start) * 1000)
                 ep["checks"] += 1
                 self._positives = self._positives + 1 if p > self.threshold else 0
@@ -176,7 +178,7 @@ class MemPlanner:
         ep = self._episode
         start = time.perf_counter()
         subtasks, memories, _ = self.model.generate(prepare_images(image[None], self.model.config.image_size), [goal],
-                                                    [self.memory if self.use_memory else EMPTY])
+                                                    [self._model_memory() if self.use_memory else EMPTY])
         self.call_ms.append((time.perf_counter() - start) * 1000)
         subtask, memory = subtasks[0], memories[0]
         ep["calls"] += 1
@@ -205,6 +207,9 @@ class MemPlanner:
         ep["memories"].append(self.memory)
         if self.policy is not None and (subtask != DONE or getattr(self.policy, "accepts_done", False)):
             self.policy.instruction = subtask
+
+    def _model_memory(self) -> str:
+        return model_context(self.memory, self.subtask) if self.running_input else self.memory
 
     def _true_done(self) -> set[int]:
         """Completed subtasks by the scene's detectors: for sort every cube now in its bin (any order), else the

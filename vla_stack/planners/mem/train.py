@@ -4,12 +4,14 @@ YAML config (policies/mem_tiny.yaml):
     model: {width, encoder_layers, decoder_layers, heads, image_size, patch, ...}   (MemConfig fields), or
            {backbone: hf, hf_path: <local VLM dir>, hf_dtype, ...}                  (HFMemConfig fields)
     data:  {train: [stores], heldout: [stores], boundary_frames, steady_per_subtask, reset_samples,
-            steady_before_boundary}
+            steady_before_boundary, running_subtask}
     train: {output_dir, export_dir, steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, image_shift,
             use_memory, seed, max_minutes, eval_every}
     trigger: {threshold, confirm}   (optional) the completion head's firing threshold and debounce stored with
              the checkpoint, the planner's defaults (calibrated closed loop on validation seeds)
 `use_memory: false` trains the no-memory ablation: every sample is fed the empty memory.
+`running_subtask: true` feeds the model the memory together with the subtask that was running
+(memory.model_context); the checkpoint records it and the planner then does the same.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from tqdm import tqdm
 from vla_stack.errors import VlaStackError
 from vla_stack.paths import resolve_data_path
 from vla_stack.planners.mem.data import Sample, build_samples
-from vla_stack.planners.mem.memory import EMPTY, canonical
+from vla_stack.planners.mem.memory import EMPTY, canonical, model_context
 from vla_stack.planners.mem.hf_model import HFMemConfig
 from vla_stack.planners.mem.model import HighLevelModel, MemConfig, build_model, prepare_images
 
@@ -37,7 +39,8 @@ TRAIN_DEFAULTS = {"output_dir": None, "export_dir": None, "steps": 3000, "batch_
                   "warmup_steps": 100, "weight_decay": 1e-4, "grad_clip": 1.0, "image_shift": 4, "use_memory": True,
                   "seed": 0, "max_minutes": 30.0, "eval_every": 0, "completion_weight": 0.5}
 DATA_DEFAULTS = {"train": [], "heldout": [], "heldout_last": 0, "boundary_frames": 4, "steady_per_subtask": 4,
-                 "reset_samples": 2, "steady_before_boundary": 0, "max_episodes": None}
+                 "reset_samples": 2, "steady_before_boundary": 0, "max_episodes": None,
+                 "running_subtask": False}
 
 
 def load_config(path: Path) -> dict:
@@ -70,7 +73,7 @@ def load_config(path: Path) -> dict:
 class SampleSet:
     """Samples with their images resized once (float16, model resolution)."""
 
-    def __init__(self, samples: list[Sample], image_size: int, use_memory: bool = True):
+    def __init__(self, samples: list[Sample], image_size: int, use_memory: bool = True, running: bool = False):
         if not samples:
             raise VlaStackError("no training samples")
         self.samples = samples
@@ -78,7 +81,8 @@ class SampleSet:
                   for i in range(0, len(samples), 256)]
         self.images = torch.cat(chunks)
         self.goals = [s.goal for s in samples]
-        self.memories_in = [s.memory_in if use_memory else EMPTY for s in samples]
+        self.memories_in = [(model_context(s.memory_in, s.running) if running else s.memory_in) if use_memory else EMPTY
+                            for s in samples]
         self.subtasks = [s.subtask for s in samples]
         self.memories_out = [s.memory_out for s in samples]
         # Without memory input "stale" is undefined; the ablation's planner calls on a fixed period instead.
@@ -140,7 +144,7 @@ def train(config_path: Path, progress: bool = True) -> dict:
     train_stores = [resolve_data_path(p) for p in dcfg["train"]]
     train_set = SampleSet(build_samples(train_stores, seed=tcfg["seed"], max_episodes=dcfg["max_episodes"],
                                         skip_last=dcfg["heldout_last"], progress=progress, **sample_kwargs),
-                          model.config.image_size, tcfg["use_memory"])
+                          model.config.image_size, tcfg["use_memory"], dcfg["running_subtask"])
     heldout_samples = []
     if dcfg["heldout_last"]:  # each training store's last episodes (other scene seeds)
         heldout_samples += build_samples(train_stores, seed=tcfg["seed"] + 1, last=dcfg["heldout_last"],
@@ -148,14 +152,16 @@ def train(config_path: Path, progress: bool = True) -> dict:
     if dcfg["heldout"]:
         heldout_samples += build_samples([resolve_data_path(p) for p in dcfg["heldout"]], seed=tcfg["seed"] + 1,
                                          progress=progress, **sample_kwargs)
-    heldout = SampleSet(heldout_samples, model.config.image_size, tcfg["use_memory"]) if heldout_samples else None
+    heldout = (SampleSet(heldout_samples, model.config.image_size, tcfg["use_memory"], dcfg["running_subtask"])
+               if heldout_samples else None)
     result = fit(model, train_set, tcfg, rng, heldout=heldout, progress=progress)
     result["train_samples"] = len(train_set)
     result["heldout_samples"] = len(heldout) if heldout else 0
     result["train_stores"] = dcfg["train"]
     result["heldout_stores"] = dcfg["heldout"]
     result["heldout_last_episodes_per_train_store"] = dcfg["heldout_last"]
-    extra = {"use_memory": bool(tcfg["use_memory"]), "trigger": config["trigger"],
+    extra = {"use_memory": bool(tcfg["use_memory"]), "running_subtask_input": bool(dcfg["running_subtask"]),
+             "trigger": config["trigger"],
              "train": {k: v for k, v in result.items() if k != "history"}}
     model.save(output_dir, extra=extra)
     (output_dir / "train_result.json").write_text(json.dumps(result, indent=2) + "\n")
