@@ -97,6 +97,29 @@ def test_fine_tune_starts_from_the_checkpoint_and_keeps_its_normalisation(tmp_pa
         train(tmp_path / "panda.yaml", progress=False)
 
 
+def test_fine_tune_can_add_video_memory_to_a_checkpoint(tmp_path):
+    import torch
+
+    query = {"image_encoder": "query", "keypoints": 2}
+    base_doc = yaml.safe_load(_config(tmp_path, steps=1).read_text())
+    base_doc["policy"].update(query)
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base_doc))
+    train(tmp_path / "base.yaml", progress=False)
+    base, _, _ = load_checkpoint(tmp_path / "export")
+    doc = yaml.safe_load((tmp_path / "base.yaml").read_text())
+    doc["policy"]["memory_offsets"] = [2, 100]
+    doc["train"].update(init_from=str(tmp_path / "export"), lr=0.0, output_dir=str(tmp_path / "mem"),
+                        export_dir=str(tmp_path / "mem_export"))
+    (tmp_path / "mem.yaml").write_text(yaml.safe_dump(doc))
+    train(tmp_path / "mem.yaml", progress=False)
+    grown, _, _ = load_checkpoint(tmp_path / "mem_export")
+    assert grown.config.memory_offsets == (2, 100)
+    new = {k for k in grown.state_dict() if k not in base.state_dict()}
+    assert new == {"backbone.memory_pos"}
+    for k, v in base.state_dict().items():  # lr 0: every trained weight came through unchanged
+        torch.testing.assert_close(grown.state_dict()[k], v)
+
+
 def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
     config = _config(tmp_path, steps=2)
     env = {**os.environ, "PYTHONPATH": f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",

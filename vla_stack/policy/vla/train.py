@@ -90,10 +90,19 @@ RUNTIME_FIELDS = {"n_action_steps", "num_inference_steps", "hf_path", "aux_weigh
 
 def start_from_checkpoint(policy_cfg: VlaConfig, path: str) -> tuple[VlaModel, Normalizer]:
     """The checkpoint's model (fp32, train mode) and normaliser, after checking the YAML's policy: section
-    describes the same network: a silent mismatch would train something else than the user asked for."""
+    describes the same network: a silent mismatch would train something else than the user asked for. The one
+    change allowed is adding video memory (`memory_offsets`) to a checkpoint without it: the memory reuses the
+    first camera's trained encoder, only its token positions start fresh."""
     model, normalizer, _ = load_checkpoint(path, {k: getattr(policy_cfg, k) for k in RUNTIME_FIELDS})
     ours, theirs = policy_cfg.to_dict(), model.config.to_dict()
     differ = sorted(k for k in ours if k not in RUNTIME_FIELDS | {"embodiments"} and ours[k] != theirs[k])
+    if differ == ["memory_offsets"] and not theirs["memory_offsets"]:
+        grown = VlaModel(VlaConfig.from_dict({**theirs, "memory_offsets": ours["memory_offsets"]}))
+        loaded = grown.load_state_dict(model.state_dict(), strict=False)
+        if loaded.unexpected_keys or any(not k.startswith("backbone.memory_") for k in loaded.missing_keys):
+            raise VlaStackError(f"init_from {path}: adding video memory left weights unmatched: "
+                                f"{loaded.unexpected_keys + loaded.missing_keys}")
+        model, differ = grown, []
     if differ:
         raise VlaStackError(f"init_from {path}: the policy: section differs from the checkpoint in "
                             f"{', '.join(f'{k} ({ours[k]!r} vs {theirs[k]!r})' for k in differ)}")
