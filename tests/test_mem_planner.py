@@ -157,6 +157,17 @@ def test_samples_name_the_running_subtask(perturbed_store):
     assert [m for m in running.memories_in] == [model_context(s.memory_in, s.running) for s in samples]
 
 
+def test_post_call_samples_repeat_the_boundary_with_the_updated_memory(perturbed_store):
+    plain = build_samples([perturbed_store], progress=False, boundary_frames=3)
+    samples = build_samples([perturbed_store], progress=False, boundary_frames=3, post_call_frames=3)
+    post = [s for s in samples if s.kind == "post_call"]
+    later_boundaries = [s for s in plain if s.kind == "boundary" and s.memory_in != EMPTY]
+    assert post and len(post) == len(later_boundaries)
+    for p, b in zip(post, later_boundaries):
+        assert np.array_equal(p.image, b.image) and p.memory_in == b.memory_out == p.memory_out
+        assert not p.stale and p.running == p.subtask == b.subtask
+
+
 def test_hard_negatives_come_from_just_before_a_completion(perturbed_store):
     """`steady_before_boundary` samples: frames shortly before a subtask completes, labelled not stale."""
     from vla_stack.data.episode_store import EpisodeStore

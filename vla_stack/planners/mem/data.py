@@ -16,7 +16,10 @@ Labels are programmatic (`memory.TaskMemory`), rebuilt from each episode's seed.
 - boundary ("stale") samples: the first frames after a subtask finished, fed the *previous* memory (or the empty
   memory at the episode start); target = next subtask + updated memory; completion label 1.
 - steady samples: frames inside a subtask (perturbed frames included) fed the current memory; target unchanged
-  memory and the same subtask; completion label 0. `steady_before_boundary` more of them come from the
+  memory and the same subtask; completion label 0.
+- post-call samples (`post_call_frames`): the boundary's frames again, fed the *updated* memory and the next
+  subtask as running, not stale: what the planner's completion checks see right after a call, while the arm
+  still parks (without them the head fires again on the same outcome and the decoder invents another). `steady_before_boundary` more of them come from the
   16 frames before a completion (cube carried over or dropped into its goal, the gripper still closed or just
   opening): the hard negatives of the completion head, which otherwise fires while the cube is still carried.
 - reset samples (sort only, where the scene shows all outcomes): a frame fed the empty memory; target the true
@@ -180,7 +183,7 @@ LATE_WINDOW, LATE_GAP = 16, 2  # hard negatives: frames [completion - 16, comple
 
 def episode_samples(store: EpisodeStore, index: int, rng: np.random.Generator, boundary_frames: int = 4,
                     steady_per_subtask: int = 4, reset_samples: int = 2,
-                    steady_before_boundary: int = 0) -> list[Sample]:
+                    steady_before_boundary: int = 0, post_call_frames: int = 0) -> list[Sample]:
     meta = store.episode_meta(index)
     if meta.seed is None:
         raise VlaStackError(f"episode {index} of {store.path} has no seed: its memory labels cannot be rebuilt")
@@ -214,6 +217,9 @@ def episode_samples(store: EpisodeStore, index: int, rng: np.random.Generator, b
         finished = "" if start == 0 else mem.subtask(int(done[start - 1]))  # what ran until this boundary
         for t in range(start, min(stop, start + boundary_frames)):
             add(t, previous, k, True, "boundary", finished)
+        if start > 0:
+            for t in range(start, min(stop, start + post_call_frames)):
+                add(t, mem.label(k), k, False, "post_call", mem.subtask(k))
         if stop - start > 1:
             for t in rng.choice(np.arange(start, stop), size=min(steady_per_subtask, stop - start), replace=False):
                 add(int(t), mem.label(k), k, False, "steady", mem.subtask(k))
