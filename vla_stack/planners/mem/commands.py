@@ -108,9 +108,9 @@ def bench_command(
             obs, _ = env.reset(seed=HELDOUT_SEED_START + i)
             memory = TaskMemory(env.task, env.robot)
             image = prepare_images(obs["images"]["front"][None], model.config.image_size)
-            contexts = [(k, model_context(memory.label(k), memory.subtask(k)) if running else memory.label(k))
+            contexts = [model_context(memory.label(k), memory.subtask(k)) if running else memory.label(k)
                         for k in (0, 1)]
-            inputs += [(image, env.task.instruction, m) for m in ["", *(c for _, c in contexts)]]
+            inputs += [(image, env.task.instruction, m) for m in ["", *contexts]]
     finally:
         env.close()
     for image, goal, memory in inputs:  # warm-up, and MiniLM states of these strings get cached
