@@ -187,7 +187,8 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
 
     processes = [
         spawn_node("sim_node", {"robot": robot, "task": task, "image_size": image_size, "camera_rate": camera_rate,
-                                "control_rate": control_rate}, env),
+                                "control_rate": control_rate,
+                                "oracle_rate": 10.0 if policy == "expert" else 0.0}, env),  # only the expert reads it
         spawn_node("policy_node", {"robot": robot, "policy": policy, "control_rate": camera_rate,
                                    "inference_steps": inference_steps}, env),
     ]

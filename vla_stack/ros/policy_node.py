@@ -67,13 +67,13 @@ class PolicyNode(LifecycleNode):
         # "image set": cameras that keep publishing but never within image_sync_slop of each other also hold
         self.watchdog = Watchdog([*(f"{c} image" for c in self.cameras), "image set", "joint_states"], max_age)
         self.status_pub = self.create_publisher(String, "~/status", PUBLISH_QOS)
-        inputs = MutuallyExclusiveCallbackGroup()
+        self._inputs = inputs = MutuallyExclusiveCallbackGroup()
         for camera in self.cameras:
             self.create_subscription(Image, f"{camera}/image_raw", partial(self._on_image, camera),
                                      SENSOR_QOS, callback_group=inputs)
         self.create_subscription(JointState, "joint_states", self._on_joints, SENSOR_QOS, callback_group=inputs)
         self.create_subscription(String, "task/instruction", self._on_instruction, LATCHED_QOS, callback_group=inputs)
-        self.create_subscription(String, "oracle/world_state", self._on_oracle, SENSOR_QOS, callback_group=inputs)
+        self._oracle_sub = None  # only the scripted expert reads the sim's world state (configure subscribes)
         self._images: dict[str, Image] = {}
         self._joints: JointState | None = None
         self._oracle: dict | None = None
@@ -109,6 +109,9 @@ class PolicyNode(LifecycleNode):
         except VlaStackError as exc:
             self.get_logger().error(f"cannot load policy: {exc}")
             return TransitionCallbackReturn.FAILURE
+        if self.source.needs_oracle:
+            self._oracle_sub = self.create_subscription(String, "oracle/world_state", self._on_oracle, SENSOR_QOS,
+                                                        callback_group=self._inputs)
         freeze_heap()  # the weights and whatever loading them left behind
         self.get_logger().info(f"policy '{self.policy_name}' loaded")
         return TransitionCallbackReturn.SUCCESS
@@ -126,6 +129,9 @@ class PolicyNode(LifecycleNode):
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self.source = None
+        if self._oracle_sub is not None:
+            self.destroy_subscription(self._oracle_sub)
+            self._oracle_sub, self._oracle = None, None
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
