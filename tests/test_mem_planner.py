@@ -4,13 +4,15 @@ training samples from an episode store, a tiny model that learns, decoding, chec
 import logging
 from pathlib import Path
 
+import mujoco
 import numpy as np
 import pytest
 import torch
 
 from vla_stack.errors import VlaStackError
 from vla_stack.planners.mem.data import DropInjector, build_samples, collect_mem
-from vla_stack.planners.mem.memory import EMPTY, InvalidMemoryError, TaskMemory, is_memory_text, is_subtask_text
+from vla_stack.planners.mem.memory import (EMPTY, InvalidMemoryError, TaskMemory, advance_memory, is_memory_text,
+                                           is_subtask_text, records_outcome)
 from vla_stack.planners.mem.model import CheckpointError, HighLevelModel, MemConfig, MiniLMText, load_model
 from vla_stack.planners.mem.policy import MemPlanner, SubtaskExpert, make_policy
 from vla_stack.planners.mem.train import SampleSet, fit
@@ -333,6 +335,72 @@ def test_false_alarm_keeps_the_running_subtask(text):
     assert planner.episode_metrics()["stall_calls"] == 1 and planner.episode_metrics()["false_alarms"] == 1
 
 
+def test_records_outcome_reads_the_running_subtask_off_any_memory():
+    sort = "2 of 3 cubes sorted; red is in the red bin, blue is in the blue bin"
+    assert records_outcome(sort, "put the blue cube in the blue bin") is True
+    assert records_outcome(sort, "put the green cube in the green bin") is False
+    assert records_outcome("0 of 3 cubes sorted", "put the red cube in the red bin") is False
+    bowl = "the red cube is in the green bowl; it started at the far left"
+    assert records_outcome(bowl, "put the red cube in the green bowl") is True
+    assert records_outcome(bowl, "put the red cube back where it was") is False
+    assert records_outcome("the red cube is back at the far left", "put the red cube back where it was") is True
+    assert records_outcome("the red cube started at the far left", "put the red cube in the green bowl") is False
+    assert records_outcome("1 of 2 steps done; pick up the red cube", "pick up the red cube") is True
+    assert records_outcome(EMPTY, "pick up the red cube") is None
+    assert records_outcome(sort, None) is None and records_outcome(sort, "done") is None
+    # advance_memory adds the running subtask's outcome, and only where it fits
+    assert advance_memory("the red cube started at the far left", "put the red cube in the green bowl") == bowl
+    assert advance_memory(bowl, "put the red cube back where it was") == "the red cube is back at the far left"
+    assert advance_memory(sort, "put the green cube in the green bin") == \
+        "3 of 3 cubes sorted; red is in the red bin, blue is in the blue bin, green is in the green bin"
+    assert advance_memory(sort, "put the red cube in the red bin") is None  # already recorded
+    assert advance_memory(bowl, "put the blue cube back where it was") is None
+
+
+def test_completion_call_that_misreads_another_cube_is_a_false_alarm(text):
+    """The head fires while the orange cube is carried and the decoder writes "red is in the red bin" (a misread
+    image): the running subtask and the memory stay; a memory that records the running cube is taken."""
+    model = ScriptedOutputs(MemConfig(**TINY), text=text)
+    planner = MemPlanner(None, None, model, check_every=1)
+    task = generate("sort", PANDA, 1)
+    memory = TaskMemory(task, PANDA)
+    first, second, third = task.subtask_texts
+    planner.set_scene(task, PANDA)
+    image = np.zeros((64, 64, 3), np.uint8)
+    model.set_outputs(first, memory.label(0))
+    assert planner.update(image, task.instruction)
+    other = memory.label_set({1})  # the second cube sorted, not the running first one
+    model.set_outputs(third, other)
+    assert planner.update(image, task.instruction)
+    assert (planner.subtask, planner.memory) == (first, memory.label(0))
+    assert planner.episode_metrics()["false_alarms"] == 1
+    model.set_outputs(second, memory.label(1))
+    assert planner.update(image, task.instruction)
+    assert (planner.subtask, planner.memory) == (second, memory.label(1))
+
+
+def test_stall_replan_lets_the_completion_head_settle_a_stuck_or_misread_memory(text):
+    """A stall re-plan whose decoder keeps the memory (it cannot see the yellow cube in the yellow bin) or names
+    another cube: the head on the kept memory decides; above 0.5 the running subtask's outcome is added."""
+    model = ScriptedOutputs(MemConfig(**TINY), text=text)
+    planner = MemPlanner(None, None, model, check_every=1, replan_steps=3, threshold=0.8)
+    task = generate("sort", PANDA, 1)
+    memory = TaskMemory(task, PANDA)
+    first, second, third = task.subtask_texts
+    planner.set_scene(task, PANDA)
+    image = np.zeros((64, 64, 3), np.uint8)
+    model.set_outputs(first, memory.label(0), completion=0.0)
+    assert planner.update(image, task.instruction)
+    model.set_outputs(second, memory.label(0), completion=0.6)  # below the trigger: only stalls call
+    assert [planner.update(image, task.instruction) for _ in range(3)] == [False, False, True]
+    assert planner.memory == advance_memory(memory.label(0), first) == memory.label(1)
+    assert planner.subtask == second  # decoded again from the updated memory
+    model.set_outputs(third, memory.label_set({0, 2}), completion=0.2)  # misread: the third cube, head quiet
+    assert [planner.update(image, task.instruction) for _ in range(3)] == [False, False, True]
+    assert planner.memory == memory.label(1)
+    assert planner.episode_metrics()["misread_memories"] == 1
+
+
 def test_make_policy_options_and_subtask_executor(tmp_path, text):
     env = TabletopEnv("restore", "panda", cameras=())
     try:
@@ -366,6 +434,23 @@ def test_make_policy_options_and_subtask_executor(tmp_path, text):
         for _ in range(30):  # it does not go on to the next subtask by itself
             env.step(executor.select_action())
         assert env.subtask_index == 1
+        # Given the same subtask again after finishing it, it starts over: knocked out of the bowl, the cube goes
+        # back in; a goal that already holds is left alone.
+        for _ in range(60):
+            env.step(executor.select_action())
+        assert executor._finished
+        goal = env.task.subtasks[0].goal
+        body = env.sim._cube_body[goal.cube]
+        adr = env.sim.model.jnt_qposadr[env.sim.model.body_jntadr[body]]
+        env.sim.data.qpos[adr:adr + 2] = env.task.cubes[goal.cube].xy
+        mujoco.mj_forward(env.sim.model, env.sim.data)
+        assert not env.sim.goal_reached(goal)
+        executor.instruction = env.task.subtasks[0].text
+        for _ in range(env.max_steps):
+            env.step(executor.select_action())
+            if executor._finished:
+                break
+        assert env.sim.goal_reached(goal)
     finally:
         env.close()
 

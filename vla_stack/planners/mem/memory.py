@@ -192,6 +192,55 @@ def is_memory_text(text: object) -> bool:
     ))
 
 
+def records_outcome(memory: str, subtask: str | None) -> bool | None:
+    """Whether `memory` records `subtask` as done (grammar only, no scene needed); None when the memory's family
+    cannot say (the empty memory, no running subtask). A completion-triggered call must record the outcome of
+    the subtask that was running: a memory that instead names another cube is a misread image, not an outcome."""
+    if not memory or not subtask or subtask == DONE:
+        return None
+    head, _, items = memory.partition("; ")
+    if re.fullmatch(r"\d+ of \d+ cubes sorted", head):
+        m = re.fullmatch(r"put the (\w+) cube in the \1 bin", subtask)
+        return bool(m) and f"{m[1]} is in the {m[1]} bin" in (items.split(", ") if items else [])
+    if re.fullmatch(r"\d+ of \d+ steps done", head):
+        return subtask in (items.split(", ") if items else [])
+    m = re.fullmatch(r"the (\w+) cube (started at|is in the (\w+) bowl; it started at|is back at) the .+", memory)
+    if m:
+        put = re.fullmatch(r"put the (\w+) cube in the (\w+) bowl", subtask)
+        back = re.fullmatch(r"put the (\w+) cube back where it was", subtask)
+        if put:
+            return put[1] == m[1] and (m[2] == "is back at" or m[3] == put[2])
+        if back:
+            return back[1] == m[1] and m[2] == "is back at"
+        return False
+    return None
+
+
+def advance_memory(memory: str, subtask: str | None) -> str | None:
+    """The memory after `subtask`'s outcome is added to `memory` (grammar only), or None where the two do not fit
+    together (the empty memory, the outcome already recorded, another family's subtask)."""
+    if not memory or not subtask or subtask == DONE or records_outcome(memory, subtask) is not False:
+        return None
+    head, _, items = memory.partition("; ")
+    listed = items.split(", ") if items else []
+    m = re.fullmatch(r"(\d+) of (\d+) (cubes sorted|steps done)", head)
+    if m:
+        k, n = int(m[1]), int(m[2])
+        cube = re.fullmatch(r"put the (\w+) cube in the \1 bin", subtask)
+        if k >= n or (m[3] == "cubes sorted" and not cube):
+            return None
+        item = f"{cube[1]} is in the {cube[1]} bin" if m[3] == "cubes sorted" else subtask
+        return f"{k + 1} of {n} {m[3]}; " + ", ".join(listed + [item])
+    start = re.fullmatch(r"the (\w+) cube started at the (.+)", memory)
+    put = re.fullmatch(r"put the (\w+) cube in the (\w+) bowl", subtask)
+    if start and put and put[1] == start[1]:
+        return f"the {start[1]} cube is in the {put[2]} bowl; it started at the {start[2]}"
+    inside = re.fullmatch(r"the (\w+) cube is in the \w+ bowl; it started at the (.+)", memory)
+    if inside and subtask == f"put the {inside[1]} cube back where it was":
+        return f"the {inside[1]} cube is back at the {inside[2]}"
+    return None
+
+
 def canonical(text: str) -> str:
     """A memory with the order of its listed outcomes normalised ('2 of 3 cubes sorted; a, b' == '...; b, a'):
     exact match is judged on this, since which cube is sorted first is not fixed by the scene."""

@@ -10,8 +10,9 @@ Control loop per step:
 - `memory=off` (the ablation) feeds the empty memory to the model and calls it every `check_every` steps, since
   without memory there is nothing to be stale against.
 A call decodes (subtask, memory). A memory string that is not well formed for the scene is logged and reset to
-the empty memory; an invalid subtask keeps the previous one. A completion-triggered call whose memory comes back
-unchanged was a false alarm (no new outcome): the running subtask continues, since switching to another equally
+the empty memory; an invalid subtask keeps the previous one. A completion-triggered call is a false alarm when its
+memory brings no new outcome or does not record the running subtask as done (it names another cube: a misread
+image, e.g. red for orange at 128 px): memory and subtask stay as they were, since switching to another equally
 valid one (sort: any unsorted cube) would abandon a cube mid-carry. Stall re-plans may switch. The low level
 gets the subtask text through its `instruction` attribute (VlaPolicy uses it instead of obs["instruction"]).
 
@@ -32,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from vla_stack.errors import VlaStackError
-from vla_stack.planners.mem.memory import DONE, EMPTY, InvalidMemoryError, TaskMemory, canonical, model_context
+from vla_stack.planners.mem.memory import (DONE, EMPTY, InvalidMemoryError, TaskMemory, advance_memory, canonical,
+                                           model_context, records_outcome)
 from vla_stack.planners.mem.model import HighLevelModel, load_model, prepare_images
 from vla_stack.policy.scripted import ScriptedExpert
 from vla_stack.sim.robots import RobotSpec
@@ -42,7 +44,9 @@ log = logging.getLogger("vla_stack.planners.mem")
 
 
 class SubtaskExpert(ScriptedExpert):
-    """Scripted executor of one subtask at a time, chosen by the text in `instruction` ('done' holds still)."""
+    """Scripted executor of one subtask at a time, chosen by the text in `instruction` ('done' holds still): it
+    leaves a goal that already holds alone, lets go of and backs away from a cube it just placed before the next
+    subtask starts, and starts over when given the same subtask again after finishing it."""
 
     name = "expert-subtask"
     accepts_done = True
@@ -50,25 +54,45 @@ class SubtaskExpert(ScriptedExpert):
     def reset(self, seed: int | None = None) -> None:
         super().reset(seed)
         self.park_position = self.p_cmd.copy()  # the grasp site at the start: clear of the scene
-        self.instruction: str | None = None
+        self._instruction: str | None = None
         self._running: str | None = None
+        self._finished = False
         self.unknown_subtasks = 0
 
+    @property
+    def instruction(self) -> str | None:
+        return self._instruction
+
+    @instruction.setter
+    def instruction(self, text: str | None) -> None:
+        """A new subtask starts a new script; the running one given again after its script finished (a re-plan
+        that found it not done) starts over, as a VLA given the same instruction would keep trying."""
+        if text == self._running and self._finished:
+            self._script = None
+        self._instruction = text
+
     def select_action(self, observation: dict | None = None) -> np.ndarray:
-        if self.instruction != self._running or self._script is None:
-            self._running = self.instruction
-            self._script = self._run_subtask(self.instruction)
+        if (self._instruction != self._running or self._script is None) and not self._retreating():
+            self._running, self._finished = self._instruction, False
+            self._script = self._run_subtask(self._instruction)
         return next(self._script)
+
+    def _retreating(self) -> bool:
+        """The running subtask's goal holds and its script still opens the gripper and parks: the next subtask
+        waits for that, as an arm does not leave a released cube at speed (it would drag it out of the bin)."""
+        goal = next((s.goal for s in self.env.task.subtasks if s.text == self._running), None)
+        return self._script is not None and not self._finished and goal is not None and self.sim.goal_reached(goal)
 
     def _run_subtask(self, text: str | None):
         goal = next((s.goal for s in self.env.task.subtasks if s.text == text), None)
         if goal is None and text not in (None, DONE):
             self.unknown_subtasks += 1
-        if goal is not None:
+        if goal is not None and not self.sim.goal_reached(goal):
             yield from self._achieve(goal)
             # Park clear of the scene, as at the start: held over a bin the gripper hides the outcome from the
             # front camera that the high level reads next.
             yield from self._move(self.park_position, self.yaw_cmd, tolerance=0.02)
+        self._finished = True
         while True:
             yield self._action()
 
@@ -87,6 +111,7 @@ class MemPlanner:
         if check_every < 1 or replan_steps < 1 or confirm < 1 or settle < 0:
             raise VlaStackError("check_every, replan_steps and confirm must be at least 1, settle at least 0")
         self.confirm, self.settle = confirm, settle
+        self.stall_threshold = 0.5
         self._settle_at: int | None = None
         self._positives = 0
         self.policy, self.env, self.model = policy, env, model
@@ -111,7 +136,8 @@ class MemPlanner:
     @staticmethod
     def _new_episode() -> dict:
         return {"steps": 0, "calls": 0, "checks": 0, "subtask_correct": 0, "memory_correct": 0, "invalid_memory": 0,
-                "invalid_subtask": 0, "stall_calls": 0, "false_alarms": 0, "missed_boundaries": 0, "subtasks": [],
+                "invalid_subtask": 0, "stall_calls": 0, "false_alarms": 0, "misread_memories": 0, "missed_boundaries": 0,
+                "subtasks": [],
                 "memories": []}
 
     # -- policy interface ---------------------------------------------------------------------------------
@@ -177,10 +203,25 @@ class MemPlanner:
     def _call(self, image: np.ndarray, goal: str, step: int, stall: bool = False) -> None:
         ep = self._episode
         start = time.perf_counter()
-        subtasks, memories, _ = self.model.generate(prepare_images(image[None], self.model.config.image_size), [goal],
-                                                    [self._model_memory() if self.use_memory else EMPTY])
-        self.call_ms.append((time.perf_counter() - start) * 1000)
+        images = prepare_images(image[None], self.model.config.image_size)
+        subtasks, memories, stale = self.model.generate(images, [goal],
+                                                        [self._model_memory() if self.use_memory else EMPTY])
         subtask, memory = subtasks[0], memories[0]
+        raw_subtask, raw_memory = subtask, memory
+        previous = self.memory
+        advanced = advance_memory(previous, self.subtask) if self.use_memory else None
+        if stall and advanced is not None and canonical(memory) != canonical(advanced):
+            # A stall re-plan whose memory is unchanged or names an outcome the running subtask cannot have
+            # produced (a misread image): the completion head on the kept memory decides, at its own 0.5, between
+            # "nothing new" and "the running subtask is done" (the debounced trigger guards against firing
+            # mid-carry; after `replan_steps` the subtask has long stopped moving), and the subtask is decoded
+            # again from that memory.
+            ep["misread_memories"] += canonical(memory) != canonical(previous)
+            memory = advanced if float(stale[0]) > self.stall_threshold else previous
+            if memory != previous:
+                subtask = self.model.generate(images, [goal], [model_context(memory, self.subtask)
+                                                                if self.running_input else memory])[0][0]
+        self.call_ms.append((time.perf_counter() - start) * 1000)
         ep["calls"] += 1
         self._last_call = step
         if self._pending_boundary is not None:
@@ -188,9 +229,15 @@ class MemPlanner:
             self._pending_boundary = None
         if self.scene is not None and self.env is not None:  # privileged scoring against the scene's detectors
             done = self._true_done()
-            ep["subtask_correct"] += subtask in self.scene.valid_next(done)
-            ep["memory_correct"] += canonical(memory) == canonical(self.scene.label_set(done))
-        previous = self.memory
+            ep["subtask_correct"] += raw_subtask in self.scene.valid_next(done)  # the decoder's own outputs
+            ep["memory_correct"] += canonical(raw_memory) == canonical(self.scene.label_set(done))
+        if (self.use_memory and not stall and previous != EMPTY and self.subtask not in (None, DONE)
+                and (canonical(memory) == canonical(previous) or records_outcome(memory, self.subtask) is False)):
+            # a false alarm: no new outcome, or one that is not the running subtask's (a misread image)
+            ep["false_alarms"] += 1
+            ep["memories"].append(self.memory)
+            ep["subtasks"].append(self.subtask)
+            return
         self.set_memory(memory)
         try:
             subtask = self.scene.check_subtask(subtask) if self.scene else _subtask_grammar_checked(subtask)
@@ -198,10 +245,6 @@ class MemPlanner:
             ep["invalid_subtask"] += 1
             self.warn(f"high level wrote an invalid subtask, keeping the previous one: {exc}")
             subtask = self.subtask or goal
-        if (self.use_memory and not stall and previous != EMPTY and self.subtask not in (None, DONE)
-                and canonical(self.memory) == canonical(previous)):
-            ep["false_alarms"] += 1
-            subtask = self.subtask
         self.subtask = subtask
         ep["subtasks"].append(subtask)
         ep["memories"].append(self.memory)
@@ -255,7 +298,7 @@ class MemPlanner:
         ep = self._episode
         self.episodes += 1
         for key in ("steps", "calls", "checks", "subtask_correct", "memory_correct", "invalid_memory",
-                    "invalid_subtask", "stall_calls", "false_alarms", "missed_boundaries"):
+                    "invalid_subtask", "stall_calls", "false_alarms", "misread_memories", "missed_boundaries"):
             self.totals[key] = self.totals.get(key, 0) + ep[key]
 
     def episode_metrics(self) -> dict:
@@ -263,7 +306,7 @@ class MemPlanner:
         calls = max(1, ep["calls"])
         return {
             "high_level_calls": ep["calls"], "completion_checks": ep["checks"], "stall_calls": ep["stall_calls"],
-            "false_alarms": ep["false_alarms"],
+            "false_alarms": ep["false_alarms"], "misread_memories": ep["misread_memories"],
             "subtask_accuracy": round(ep["subtask_correct"] / calls, 4),
             "memory_exact_match": round(ep["memory_correct"] / calls, 4),
             "invalid_memory": ep["invalid_memory"], "invalid_subtask": ep["invalid_subtask"],
@@ -287,6 +330,7 @@ class MemPlanner:
             "threshold": self.threshold,
             "high_level_calls": int(t.get("calls", 0)), "completion_checks": int(t.get("checks", 0)),
             "stall_calls": int(t.get("stall_calls", 0)), "false_alarms": int(t.get("false_alarms", 0)),
+            "misread_memories": int(t.get("misread_memories", 0)),
             "steps": int(t.get("steps", 0)),
             "calls_per_episode": round(t.get("calls", 0) / max(1, self.episodes), 2),
             "steps_per_call": round(t.get("steps", 0) / calls, 1),
