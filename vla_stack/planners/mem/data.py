@@ -22,6 +22,10 @@ Labels are programmatic (`memory.TaskMemory`), rebuilt from each episode's seed.
   still parks (without them the head fires again on the same outcome and the decoder invents another). `steady_before_boundary` more of them come from the
   16 frames before a completion (cube carried over or dropped into its goal, the gripper still closed or just
   opening): the hard negatives of the completion head, which otherwise fires while the cube is still carried.
+- stale samples (`stale_per_subtask`): frames after the boundary window, anywhere until the next completion (the
+  arm parked, paused or already at the next cube), still fed the previous memory: completion label 1. Without
+  them a stale memory is only ever seen while the arm is still at the goal, so the head learns the arm's pose,
+  and a boundary missed in that window is never detected afterwards (the parked arm reads as "nothing new").
 - reset samples (sort only, where the scene shows all outcomes): a frame fed the empty memory; target the true
   memory, so a memory reset after a garbled string recovers.
 """
@@ -183,7 +187,8 @@ LATE_WINDOW, LATE_GAP = 16, 2  # hard negatives: frames [completion - 16, comple
 
 def episode_samples(store: EpisodeStore, index: int, rng: np.random.Generator, boundary_frames: int = 4,
                     steady_per_subtask: int = 4, reset_samples: int = 2,
-                    steady_before_boundary: int = 0, post_call_frames: int = 0) -> list[Sample]:
+                    steady_before_boundary: int = 0, post_call_frames: int = 0,
+                    stale_per_subtask: int = 0) -> list[Sample]:
     meta = store.episode_meta(index)
     if meta.seed is None:
         raise VlaStackError(f"episode {index} of {store.path} has no seed: its memory labels cannot be rebuilt")
@@ -217,6 +222,10 @@ def episode_samples(store: EpisodeStore, index: int, rng: np.random.Generator, b
         finished = "" if start == 0 else mem.subtask(int(done[start - 1]))  # what ran until this boundary
         for t in range(start, min(stop, start + boundary_frames)):
             add(t, previous, k, True, "boundary", finished)
+        later = np.arange(start + boundary_frames, stop)
+        if start > 0 and stale_per_subtask and len(later):
+            for t in rng.choice(later, size=min(stale_per_subtask, len(later)), replace=False):
+                add(int(t), previous, k, True, "stale", finished)
         if start > 0:
             for t in range(start, min(stop, start + post_call_frames)):
                 add(t, mem.label(k), k, False, "post_call", mem.subtask(k))

@@ -4,7 +4,7 @@ YAML config (policies/mem_tiny.yaml):
     model: {width, encoder_layers, decoder_layers, heads, image_size, patch, ...}   (MemConfig fields), or
            {backbone: hf, hf_path: <local VLM dir>, hf_dtype, ...}                  (HFMemConfig fields)
     data:  {train: [stores], heldout: [stores], boundary_frames, steady_per_subtask, reset_samples,
-            steady_before_boundary, post_call_frames, running_subtask}
+            steady_before_boundary, post_call_frames, stale_per_subtask, running_subtask}
     train: {output_dir, export_dir, steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, image_shift,
             use_memory, seed, max_minutes, eval_every}
     trigger: {threshold, confirm}   (optional) the completion head's firing threshold and debounce stored with
@@ -40,7 +40,7 @@ TRAIN_DEFAULTS = {"output_dir": None, "export_dir": None, "steps": 3000, "batch_
                   "seed": 0, "max_minutes": 30.0, "eval_every": 0, "completion_weight": 0.5}
 DATA_DEFAULTS = {"train": [], "heldout": [], "heldout_last": 0, "boundary_frames": 4, "steady_per_subtask": 4,
                  "reset_samples": 2, "steady_before_boundary": 0, "post_call_frames": 0,
-                 "max_episodes": None, "running_subtask": False}
+                 "stale_per_subtask": 0, "max_episodes": None, "running_subtask": False}
 
 
 def load_config(path: Path) -> dict:
@@ -140,7 +140,7 @@ def train(config_path: Path, progress: bool = True) -> dict:
     output_dir = resolve_data_path(tcfg["output_dir"] or Path("mem/runs") / Path(config_path).stem)
     model = build_model(config["model"])
     sample_kwargs = {k: dcfg[k] for k in ("boundary_frames", "steady_per_subtask", "reset_samples",
-                                          "steady_before_boundary", "post_call_frames")}
+                                          "steady_before_boundary", "post_call_frames", "stale_per_subtask")}
     train_stores = [resolve_data_path(p) for p in dcfg["train"]]
     train_set = SampleSet(build_samples(train_stores, seed=tcfg["seed"], max_episodes=dcfg["max_episodes"],
                                         skip_last=dcfg["heldout_last"], progress=progress, **sample_kwargs),
