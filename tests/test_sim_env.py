@@ -124,6 +124,19 @@ def test_success_detectors_follow_the_physical_state(robot):
     env.close()
 
 
+def test_sort_counts_cubes_sorted_out_of_order():
+    env = TabletopEnv("sort", "panda", cameras=())
+    env.reset(seed=3)
+    sim, last = env.sim, env.task.subtasks[-1].goal
+    bin_xy = sim.receptacle_pos(last.target)
+    _teleport_cube(sim, last.cube, (bin_xy[0], bin_xy[1], TABLE_Z + 0.01 + env.robot.cube_half))
+    env.step(np.append(sim.joint_state()[:-1], 0.0))
+    assert sim.goal_reached(last)
+    assert env.subtask_index == 0  # the in-order count waits for the first cube
+    assert env.completed_subtasks() == {len(env.task.subtasks) - 1}
+    env.close()
+
+
 def test_restore_needs_the_original_position():
     env = TabletopEnv("restore", "panda", cameras=())
     env.reset(seed=4)

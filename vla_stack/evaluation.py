@@ -96,7 +96,7 @@ def run_episode(env: TabletopEnv, policy, seed: int, record_video: bool = False)
         "seed": seed,
         "success": bool(info["success"]),
         "steps": steps,
-        "subtasks_completed": int(env.subtask_index),
+        "subtasks_completed": len(env.completed_subtasks()),
         "subtasks_total": len(info["subtasks"]),
         "instruction": env.instruction,
         "clipped_actions": info["clipped_actions"],

@@ -82,6 +82,12 @@ class TabletopEnv(gym.Env):
     def success(self) -> bool:
         return self.subtask_index >= len(self.task.subtasks) and all(map(self.sim.goal_reached, self.task.final_goals))
 
+    def completed_subtasks(self) -> set[int]:
+        """Subtasks done so far: for sort (any order) every cube now in its bin, else the in-order count."""
+        if self.task.family == "sort":
+            return {i for i, s in enumerate(self.task.subtasks) if self.sim.goal_reached(s.goal)}
+        return set(range(self.subtask_index))
+
     def _advance_subtasks(self) -> None:
         while self.subtask_index < len(self.task.subtasks) and \
                 self.sim.goal_reached(self.task.subtasks[self.subtask_index].goal):

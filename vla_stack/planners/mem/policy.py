@@ -255,12 +255,8 @@ class MemPlanner:
         return model_context(self.memory, self.subtask) if self.running_input else self.memory
 
     def _true_done(self) -> set[int]:
-        """Completed subtasks by the scene's detectors: for sort every cube now in its bin (any order), else the
-        environment's in-order subtask count."""
-        task = self.env.task
-        if task.family == "sort" and hasattr(self.env, "sim"):
-            return {i for i, s in enumerate(task.subtasks) if self.env.sim.goal_reached(s.goal)}
-        return set(range(min(self.env.subtask_index, self.scene.n)))
+        """Completed subtasks by the scene's detectors (sort: in any order)."""
+        return {i for i in self.env.completed_subtasks() if i < self.scene.n}
 
     def set_memory(self, text: object) -> str:
         """Adopt `text` as the memory if it is well formed for the scene; otherwise log it and reset to empty."""
