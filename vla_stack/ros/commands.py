@@ -166,12 +166,15 @@ def _percentiles(values: list[float]) -> dict:
 
 def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str = "pick", policy: str = "expert",
                       image_size: int = 128, camera_rate: float = 10.0, control_rate: float = 50.0,
-                      inference_steps: int = 0, domain_id: int | None = None, progress: bool = True) -> dict:
+                      inference_steps: int = 0, domain_id: int | None = None, progress: bool = True,
+                      episode_timeout: float = 30.0, thread_priority: int = 50) -> dict:
     """sim_node and policy_node as separate processes; this process measures, from the messages alone:
     image-to-command latency (command receipt minus the stamp of the image it was computed from), the sim
-    control loop's tick intervals (joint_states stamps) and its missed deadlines."""
-    if duration <= 0:
-        raise VlaStackError("--duration must be positive")
+    control loop's tick intervals (joint_states stamps) and its missed deadlines. The sim moves to the next
+    scene on success or after `episode_timeout` seconds, so the run spans many scenes and resets, as an
+    evaluation does."""
+    if duration <= 0 or episode_timeout <= 0:
+        raise VlaStackError("--duration and --episode-timeout must be positive")
     from vla_stack.ros.processes import CONFIGURE_ACTIVATE, change_state, ros_env, spawn_node, stop
 
     env = ros_env(domain_id)
@@ -187,7 +190,7 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
 
     processes = [
         spawn_node("sim_node", {"robot": robot, "task": task, "image_size": image_size, "camera_rate": camera_rate,
-                                "control_rate": control_rate,
+                                "control_rate": control_rate, "thread_priority": thread_priority,
                                 "oracle_rate": 10.0 if policy == "expert" else 0.0}, env),  # only the expert reads it
         spawn_node("policy_node", {"robot": robot, "policy": policy, "control_rate": camera_rate,
                                    "inference_steps": inference_steps}, env),
@@ -200,7 +203,7 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
     input_age: list[float] = []  # and the age of its images when inference started (render, transport, wake)
     ticks: list[float] = []
     sim_status: dict = {}
-    episodes = {"done": 0}
+    episodes = {"done": 0, "started": 0, "since": time.monotonic()}
     measuring = threading.Event()
     load = MachineLoad()
     try:
@@ -224,10 +227,15 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
             if measuring.is_set():
                 ticks.append(seconds(msg.header.stamp))
 
+        def next_scene() -> None:
+            episodes["since"] = time.monotonic()
+            episodes["started"] += measuring.is_set()
+            new_episode.call_async(Trigger.Request())
+
         def on_success(msg: Bool) -> None:
             if msg.data:  # keep the arm busy: next scene
-                episodes["done"] += 1
-                new_episode.call_async(Trigger.Request())
+                episodes["done"] += measuring.is_set()
+                next_scene()
 
         node.create_subscription(JointTrajectory, "arm_controller/joint_trajectory", on_command, 50)
         node.create_subscription(String, "policy_node/status", on_status, 50)
@@ -240,10 +248,13 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
             rclpy.spin_once(node, timeout_sec=0.05)
         missed_before = sim_status.get("missed_deadlines", 0)
         measuring.set()
+        episodes["started"], episodes["since"] = 1, time.monotonic()  # the scene running now counts
         start = time.monotonic()
         with load:
             while time.monotonic() - start < duration:
                 rclpy.spin_once(node, timeout_sec=0.05)
+                if time.monotonic() - episodes["since"] > episode_timeout:
+                    next_scene()
                 if any(p.poll() is not None for p in processes):
                     raise VlaStackError("a node process exited during the benchmark")
         measuring.clear()
@@ -273,7 +284,8 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
             "missed_deadlines": int(sim_status.get("missed_deadlines", 0) - missed_before),
             "late_ticks": int(np.sum(intervals > 1.5 * period)),
         },
-        "episodes_succeeded": episodes["done"],
+        "episodes_started": episodes["started"], "episodes_succeeded": episodes["done"],
+        "sim_thread_priority": thread_priority,
         "machine_load": load.summary(),
         "cpu": cpu_model(),
     }
@@ -289,9 +301,12 @@ def bench_ros(
     camera_rate: float = typer.Option(10.0, help="Camera rate in Hz (the policy runs on each image)."),
     control_rate: float = typer.Option(50.0, help="Sim controller rate in Hz."),
     inference_steps: int = typer.Option(0, help="Euler steps per chunk (0 = the checkpoint's)."),
+    episode_timeout: float = typer.Option(30.0, help="Next scene after this many seconds without success."),
+    thread_priority: int = typer.Option(50, help="sim_node's control loop SCHED_FIFO priority (0 = normal)."),
 ) -> None:
     """Image-to-command latency p50/p99 and control-loop timing through the node graph (separate processes)."""
-    result = run_ros_benchmark(duration, robot, task, policy, image_size, camera_rate, control_rate, inference_steps)
+    result = run_ros_benchmark(duration, robot, task, policy, image_size, camera_rate, control_rate, inference_steps,
+                               episode_timeout=episode_timeout, thread_priority=thread_priority)
     lat, loop = result["image_to_command_latency_ms"], result["control_loop"]
     if lat["n"]:
         print(f"image-to-command latency: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms over {lat['n']} commands")
@@ -302,7 +317,7 @@ def bench_ros(
               f"policy inference: p50 {inf['p50']:.1f} ms, p99 {inf['p99']:.1f} ms")
     print(f"control loop: {loop['achieved_hz']:.1f}/{loop['target_hz']:.0f} Hz, jitter p99 "
           f"{loop['jitter_ms'].get('p99', 0):.2f} ms, missed deadlines {loop['missed_deadlines']}, late ticks "
-          f"{loop['late_ticks']}")
+          f"{loop['late_ticks']}; {result['episodes_succeeded']} of {result['episodes_started']} scenes succeeded")
     load = result["machine_load"]
     if load["cpu_steal_pct"] is not None:
         print(f"while measuring on {result['cpu']}: CPU steal {load['cpu_steal_pct']}% (the host's other guests), "

@@ -52,6 +52,25 @@ def yield_to_control(niceness: int) -> None:
         pass
 
 
+def realtime_priority(priority: int, thread_id: int | None = None) -> str | None:
+    """Run a thread (the calling one by default; `thread_id` is a native id) under SCHED_FIFO at `priority` (1-99),
+    as ros2_control's controller manager runs its update loop (its `thread_priority`, default 50), so inference,
+    rendering or a busy desktop on the same cores cannot delay a control tick; 0 puts it back to normal
+    scheduling. Needs root or CAP_SYS_NICE / an rtprio limit: returns why it could not (the thread then keeps
+    normal priority), None when set. Threads it starts afterwards would inherit the policy: give it only to a
+    loop that starts none and sleeps every period."""
+    if not 0 <= priority <= 99:
+        raise VlaStackError(f"thread priority must be 0 (normal) or 1-99, got {priority}")
+    if not hasattr(os, "sched_setscheduler"):
+        return "SCHED_FIFO is not available on this platform" if priority else None
+    policy = os.SCHED_FIFO if priority else os.SCHED_OTHER
+    try:
+        os.sched_setscheduler(thread_id or threading.get_native_id(), policy, os.sched_param(priority))
+    except OSError as exc:
+        return f"SCHED_FIFO priority {priority} refused ({exc.strerror}): needs root, CAP_SYS_NICE or an rtprio limit"
+    return None
+
+
 def freeze_heap() -> None:
     """Put everything allocated so far (models, MuJoCo, rclpy) out of the cyclic garbage collector's reach. A
     full collection over the ~400k objects of a loaded node takes ~300 ms on this 2-core machine, a pause the

@@ -27,7 +27,7 @@ from std_msgs.msg import Bool, String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
-from vla_stack.errors import UnknownNameError
+from vla_stack.errors import UnknownNameError, VlaStackError
 from vla_stack.ros.common import (
     COMMAND_QOS,
     LATCHED_QOS,
@@ -35,6 +35,7 @@ from vla_stack.ros.common import (
     camera_info_msg,
     image_msg,
     param,
+    realtime_priority,
     run,
     seconds,
     trajectory_arrays,
@@ -66,6 +67,14 @@ class SimNode(Node):
         self.render_niceness = param(self, "render_niceness", 5, "Nice value of the render threads: the control "
                                                                   "loop comes first on busy cores (0 = unchanged)",
                                      read_only=True)
+        self.thread_priority = param(self, "thread_priority", 50, "SCHED_FIFO priority (1-99) of the control loop "
+                                                                  "thread, as ros2_control's controller manager; "
+                                                                  "0 = normal scheduling. Without the privilege "
+                                                                  "the loop runs at normal priority (logged)",
+                                     read_only=True)
+        if not 0 <= self.thread_priority <= 99:
+            raise VlaStackError(f"thread_priority must be 0 (off) or 1-99, got {self.thread_priority}")
+        self._sim_tid: int | None = None  # native id of the control loop thread, once it runs
         self.publish_clock = param(self, "publish_clock", False, "Publish sim time on /clock and stamp with it "
                                                                   "(run the other nodes with use_sim_time)",
                                    read_only=True)
@@ -138,6 +147,8 @@ class SimNode(Node):
                 self.camera_rate = float(p.value)
             elif p.name == "real_time_factor":
                 self.rtf = float(p.value)
+                if self._sim_tid is not None:
+                    self._apply_priority(self._sim_tid)
             elif p.name == "oracle_rate":
                 self.oracle_rate = float(p.value)
         return SetParametersResult(successful=True)
@@ -218,7 +229,16 @@ class SimNode(Node):
             self._q = self.sim.arm_qpos()
             self._grip = float(self.sim.data.qpos[self._grip_qpos])
 
+    def _apply_priority(self, tid: int) -> None:
+        """Real-time priority for the control loop while it sleeps every period; a loop run as fast as possible
+        (real_time_factor 0) never sleeps and would shut everything else out of its core, so it runs normally."""
+        refused = realtime_priority(self.thread_priority if self.rtf > 0 else 0, tid)
+        if refused:
+            self.get_logger().warning(f"control loop at normal priority: {refused}", once=True)
+
     def _sim_loop(self) -> None:
+        self._sim_tid = threading.get_native_id()
+        self._apply_priority(self._sim_tid)
         period = 1.0 / self.control_rate
         next_camera = next_oracle = 0.0
         deadline = time.monotonic()
