@@ -335,6 +335,40 @@ def test_false_alarm_keeps_the_running_subtask(text):
     assert planner.episode_metrics()["stall_calls"] == 1 and planner.episode_metrics()["false_alarms"] == 1
 
 
+def test_chunk_mode_asks_for_a_new_chunk_only_when_the_subtask_changes(text):
+    """The ROS policy node steps the planner on every observation (`observe`) and asks the low level for a new
+    chunk every n_action_steps, or at once when the high level changed the subtask."""
+
+    class LowLevel:  # records what the planner hands the low level
+        n_action_steps, instruction, observed = 8, None, 0
+
+        def observe(self, obs):
+            self.observed += 1
+
+        def predict_action_chunk(self, obs, observe=True):
+            self.observed += observe
+            return np.zeros((16, 8), np.float32)
+
+    model = ScriptedOutputs(MemConfig(**TINY), text=text)
+    low = LowLevel()
+    planner = MemPlanner(low, None, model, check_every=1)
+    task = generate("sort", PANDA, 1)
+    memory = TaskMemory(task, PANDA)
+    first, second = task.subtasks[0].text, task.subtasks[1].text
+    planner.set_scene(task, PANDA)
+    obs = {"images": {"front": np.zeros((64, 64, 3), np.uint8)}, "state": np.zeros(8, np.float32),
+           "instruction": task.instruction}
+    assert planner.n_action_steps == 8
+    model.set_outputs(first, memory.label(0))
+    assert planner.observe(obs) and low.instruction == first  # the first call sets a subtask
+    model.set_outputs(second, memory.label(0))
+    assert not planner.observe(obs) and low.instruction == first  # a false alarm: keep the running chunk
+    model.set_outputs(second, memory.label(1))
+    assert planner.observe(obs) and low.instruction == second  # a new subtask: new chunk now
+    planner.predict_action_chunk(obs, observe=False)
+    assert low.observed == 3 and planner.episode_metrics()["false_alarms"] == 1
+
+
 def test_records_outcome_reads_the_running_subtask_off_any_memory():
     sort = "2 of 3 cubes sorted; red is in the red bin, blue is in the blue bin"
     assert records_outcome(sort, "put the blue cube in the blue bin") is True

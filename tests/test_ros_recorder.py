@@ -85,11 +85,12 @@ def test_teleop_moves_arm_and_killed_recorder_keeps_finished_episodes(tmp_path):
         time.sleep(1.0)
         recorder.send_signal(signal.SIGKILL)  # mid-episode
         recorder.wait(10)
-    finally:
-        executor.shutdown(timeout_sec=2.0)
+    finally:  # processes first, and the spinner joined before its context goes (see test_ros_vla.probe_graph)
+        stop([sim, teleop, recorder])
+        executor.shutdown(timeout_sec=10.0)
+        spinner.join(timeout=10.0)
         node.destroy_node()
         rclpy.shutdown(context=context)
-        stop([sim, teleop, recorder])
     with EpisodeStore.open(store) as episodes:
         assert len(episodes) == 1 and episodes.verify() == {}
         meta = episodes.episode_meta(0)

@@ -40,7 +40,8 @@ def test_keyboard_keys_move_the_grasp_site():
                              10)
     commands = []
     node.create_subscription(JointTrajectory, "arm_controller/joint_trajectory", commands.append, 10)
-    threading.Thread(target=executor.spin, daemon=True).start()
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
     try:
         end = time.monotonic() + 30.0
         while len(heights) < 5 or not commands:  # teleop streams commands once it has anchored at the arm's pose
@@ -54,11 +55,12 @@ def test_keyboard_keys_move_the_grasp_site():
             time.sleep(0.05)
         time.sleep(0.5)
         assert start - heights[-1] > 0.05, (start, heights[-10:])
-    finally:
-        executor.shutdown(timeout_sec=2.0)
+    finally:  # processes first, and the spinner joined before its context goes (see test_ros_vla.probe_graph)
+        stop([teleop, sim])
+        executor.shutdown(timeout_sec=10.0)
+        spinner.join(timeout=10.0)
         node.destroy_node()
         rclpy.shutdown(context=context)
-        stop([teleop, sim])
     assert teleop.returncode == 0
     assert termios.tcgetattr(terminal) == settings  # cbreak mode undone on exit
     os.close(controller)

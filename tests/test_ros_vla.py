@@ -30,18 +30,29 @@ pytestmark = pytest.mark.timeout(120)  # a wedged graph fails the test instead o
 
 @contextlib.contextmanager
 def probe_graph(domain: int, processes: list):
-    """A probe node and its executor on the graph's domain; afterwards everything is torn down, processes too."""
+    """A probe node on the graph's domain and `spin()`, which spins it on a background executor; afterwards
+    everything is torn down: the node processes first (they are the load that could make an executor miss its
+    shutdown timeout), then the spinner is joined before the node and context go (a spin loop left running on a
+    shut-down context busy-waits holding the GIL, and the test hangs where no timeout can fire)."""
     context = Context()
     rclpy.init(context=context, domain_id=domain)
     node = Node("probe", context=context)
     executor = SingleThreadedExecutor(context=context)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+
+    def spin() -> None:
+        executor.add_node(node)
+        spinner.start()
+
     try:
-        yield node, executor
+        yield node, spin
     finally:
-        executor.shutdown(timeout_sec=2.0)
+        stop(processes)
+        executor.shutdown(timeout_sec=10.0)
+        if spinner.is_alive():
+            spinner.join(timeout=10.0)
         node.destroy_node()
         rclpy.shutdown(context=context)
-        stop(processes)
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +74,12 @@ def test_checkpoint_policy_publishes_action_chunks(checkpoint):
     sim = spawn_node("sim_node", {"robot": "panda", "task": "pick", "image_size": 64, "oracle_rate": 0.0}, env)
     policy = spawn_node("policy_node", {"robot": "panda", "policy": str(checkpoint)}, env)
     chunks, status = [], []
-    with probe_graph(domain, [policy, sim]) as (node, executor):
+    with probe_graph(domain, [policy, sim]) as (node, spin):
         node.create_subscription(JointTrajectory, "arm_controller/joint_trajectory",
                                  lambda m: m.points and chunks.append(m), 10)
         node.create_subscription(String, "policy_node/status", lambda m: status.append(json.loads(m.data)), 10)
         change_state(node, "policy_node", CONFIGURE_ACTIVATE, timeout=60.0)
-        executor.add_node(node)
-        threading.Thread(target=executor.spin, daemon=True).start()
+        spin()
         end = time.monotonic() + 30.0
         while len(chunks) < 3 and time.monotonic() < end:
             time.sleep(0.1)
@@ -80,6 +90,29 @@ def test_checkpoint_policy_publishes_action_chunks(checkpoint):
     assert chunk.joint_names == list(ROBOTS["panda"].arm_joints)
     assert any(s["state"] == "running" and s["chunk"] == len(times) for s in status)
     assert policy.returncode == 0
+
+
+def test_checkpoint_source_keeps_a_chunk_running_for_n_action_steps(checkpoint):
+    """As trained and evaluated in-process: a new chunk every n_action_steps observations, each observation
+    still validated and recorded; a new instruction or a stopped chunk (hold, rejection) asks at once."""
+    from vla_stack.errors import VlaStackError
+    from vla_stack.ros.policy_source import load_source
+
+    robot = ROBOTS["panda"]
+    obs = {"images": {c: np.zeros((64, 64, 3), np.uint8) for c in ("front", "wrist")},
+           "state": np.append(robot.home_qpos, 0.0).astype(np.float32), "instruction": "pick up the red cube"}
+    assert load_source(str(checkpoint), robot, 10.0).replan_steps == tiny_config().n_action_steps
+    source = load_source(str(checkpoint), robot, 10.0, replan_steps=3)
+    got = [source.chunk(obs, None) is not None for _ in range(7)]
+    assert got == [True, False, False, True, False, False, True]
+    assert source.policy._steps == 7  # every observation reached the policy (validation, video memory)
+    assert source.chunk(obs, None, replan=True) is not None  # after a hold the arm needs a chunk now
+    assert source.chunk(obs, None) is None
+    assert source.chunk({**obs, "instruction": "pick up the blue cube"}, None) is not None
+    with pytest.raises(VlaStackError, match="NaN"):  # refused even when no chunk is due
+        source.chunk({**obs, "state": np.full_like(obs["state"], np.nan)}, None)
+    with pytest.raises(VlaStackError, match="replan_steps must be at least 1"):
+        load_source(str(checkpoint), robot, 10.0, replan_steps=-2)
 
 
 @pytest.mark.timeout(240)
@@ -97,13 +130,12 @@ def test_shipped_vla_picks_the_named_cube_through_ros_topics():
                                   "oracle_rate": 0.0}, env)
     policy = spawn_node("policy_node", {"robot": "panda", "policy": "vla_tiny"}, env)
     successes, episodes = [], []
-    with probe_graph(domain, [policy, sim]) as (node, executor):
+    with probe_graph(domain, [policy, sim]) as (node, spin):
         node.create_subscription(Bool, "task/success", lambda m: m.data and successes.append(time.monotonic()),
                                  LATCHED_QOS)
         node.create_subscription(String, "task/info", lambda m: episodes.append(json.loads(m.data)), LATCHED_QOS)
         change_state(node, "policy_node", CONFIGURE_ACTIVATE, timeout=60.0)
-        executor.add_node(node)
-        threading.Thread(target=executor.spin, daemon=True).start()
+        spin()
         new_episode = node.create_client(Trigger, "sim_node/new_episode")
         for attempt in range(3):
             end = time.monotonic() + 25.0  # the task allows 12 s of sim time

@@ -167,12 +167,13 @@ def _percentiles(values: list[float]) -> dict:
 def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str = "pick", policy: str = "expert",
                       image_size: int = 128, camera_rate: float = 10.0, control_rate: float = 50.0,
                       inference_steps: int = 0, domain_id: int | None = None, progress: bool = True,
-                      episode_timeout: float = 30.0, thread_priority: int = 50) -> dict:
+                      episode_timeout: float = 30.0, thread_priority: int = 50, replan_steps: int = 1) -> dict:
     """sim_node and policy_node as separate processes; this process measures, from the messages alone:
     image-to-command latency (command receipt minus the stamp of the image it was computed from), the sim
     control loop's tick intervals (joint_states stamps) and its missed deadlines. The sim moves to the next
     scene on success or after `episode_timeout` seconds, so the run spans many scenes and resets, as an
-    evaluation does."""
+    evaluation does. `replan_steps` 1 (default) makes the policy node infer on every image set: the heaviest
+    load, one latency sample per image (deployed, a VLA infers every n_action_steps sets)."""
     if duration <= 0 or episode_timeout <= 0:
         raise VlaStackError("--duration and --episode-timeout must be positive")
     from vla_stack.ros.processes import CONFIGURE_ACTIVATE, change_state, ros_env, spawn_node, stop
@@ -193,7 +194,7 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
                                 "control_rate": control_rate, "thread_priority": thread_priority,
                                 "oracle_rate": 10.0 if policy == "expert" else 0.0}, env),  # only the expert reads it
         spawn_node("policy_node", {"robot": robot, "policy": policy, "control_rate": camera_rate,
-                                   "inference_steps": inference_steps}, env),
+                                   "inference_steps": inference_steps, "replan_steps": replan_steps}, env),
     ]
     rclpy.init()
     node = Node("bench_ros")
@@ -285,7 +286,7 @@ def run_ros_benchmark(duration: float = 300.0, robot: str = "panda", task: str =
             "late_ticks": int(np.sum(intervals > 1.5 * period)),
         },
         "episodes_started": episodes["started"], "episodes_succeeded": episodes["done"],
-        "sim_thread_priority": thread_priority,
+        "sim_thread_priority": thread_priority, "replan_steps": replan_steps,
         "machine_load": load.summary(),
         "cpu": cpu_model(),
     }
@@ -303,10 +304,13 @@ def bench_ros(
     inference_steps: int = typer.Option(0, help="Euler steps per chunk (0 = the checkpoint's)."),
     episode_timeout: float = typer.Option(30.0, help="Next scene after this many seconds without success."),
     thread_priority: int = typer.Option(50, help="sim_node's control loop SCHED_FIFO priority (0 = normal)."),
+    replan_steps: int = typer.Option(1, help="Image sets per new chunk (1: infer on every one, the heaviest load; "
+                                             "0: the checkpoint's n_action_steps, as deployed)."),
 ) -> None:
     """Image-to-command latency p50/p99 and control-loop timing through the node graph (separate processes)."""
     result = run_ros_benchmark(duration, robot, task, policy, image_size, camera_rate, control_rate, inference_steps,
-                               episode_timeout=episode_timeout, thread_priority=thread_priority)
+                               episode_timeout=episode_timeout, thread_priority=thread_priority,
+                               replan_steps=replan_steps)
     lat, loop = result["image_to_command_latency_ms"], result["control_loop"]
     if lat["n"]:
         print(f"image-to-command latency: p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms over {lat['n']} commands")

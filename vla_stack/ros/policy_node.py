@@ -56,6 +56,11 @@ class PolicyNode(LifecycleNode):
         self.inference_steps = param(self, "inference_steps", 0, "Euler steps per action chunk of a checkpoint "
                                                                   "policy (0 = the checkpoint's; fewer cut "
                                                                   "inference time proportionally)", True)
+        self.replan_steps = param(self, "replan_steps", 0, "New action chunk every this many observations, the "
+                                                          "running chunk in between (0 = the checkpoint's "
+                                                          "n_action_steps, as it was trained and evaluated; 1 = "
+                                                          "every image set). The scripted expert acts every "
+                                                          "observation", True)
         self.inference_niceness = param(self, "inference_niceness", 5, "Nice value of the inference thread: a "
                                                                         "controller or sim on the same cores comes "
                                                                         "first (0 = unchanged)", True)
@@ -86,6 +91,7 @@ class PolicyNode(LifecycleNode):
         self.source = None
         self.commands = 0
         self.holding: list[str] | None = None
+        self._chunk_running = False  # a sent chunk the controller still executes
         if autostart:
             self._autostart_timer = self.create_timer(0.0, self._autostart)
 
@@ -105,7 +111,8 @@ class PolicyNode(LifecycleNode):
             if self.planner == "wm":
                 options["deadline_s"] = self.planner_deadline
             self.source = load_source(self.policy_name, self.robot, 1.0 / self.action_dt, self.planner,
-                                      options if self.planner != "none" else None, self.inference_steps or None)
+                                      options if self.planner != "none" else None, self.inference_steps or None,
+                                      self.replan_steps or None)
         except VlaStackError as exc:
             self.get_logger().error(f"cannot load policy: {exc}")
             return TransitionCallbackReturn.FAILURE
@@ -117,7 +124,7 @@ class PolicyNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._active = True
+        self._active, self._chunk_running = True, False
         self._thread = threading.Thread(target=self._control_loop, daemon=True, name="inference")
         self._thread.start()
         return super().on_activate(state)
@@ -196,7 +203,7 @@ class PolicyNode(LifecycleNode):
         if self.holding is None:
             self.get_logger().warning(f"holding position: {'; '.join(reasons)}")
             self.gate.hold(why)
-        self.holding = reasons
+        self.holding, self._chunk_running = reasons, False
         self._status("holding", reasons=reasons)
 
     def _step(self) -> None:
@@ -216,9 +223,12 @@ class PolicyNode(LifecycleNode):
         input_age_ms = (self.get_clock().now().nanoseconds * 1e-9 - oldest_image) * 1e3  # render, transport, wake
         start = time.perf_counter()
         try:
-            chunk = self.source.chunk(obs, self._oracle)
+            chunk = self.source.chunk(obs, self._oracle, replan=not self._chunk_running)
         except (ValueError, VlaStackError) as exc:  # e.g. no oracle yet, or an observation the policy refuses
             self._hold([f"policy cannot act: {exc}"], "policy_error")
+            return
+        if chunk is None:  # the running chunk goes on
+            self._status("running", obs_stamp=oldest_image, input_age_ms=round(input_age_ms, 3))
             return
         inference_ms = (time.perf_counter() - start) * 1e3
         times = self.action_dt * np.arange(1, len(chunk) + 1)
@@ -228,9 +238,12 @@ class PolicyNode(LifecycleNode):
             grip = [[gripper_ctrl(self.robot, g)] for g in chunk[:, n]]
             self.gate.send_gripper([self.robot.gripper_joint], times, grip, q[n], stamp)
             self.commands += 1
+            self._chunk_running = True
             if self.holding is not None:
                 self.get_logger().info("inputs fresh again: resuming control")
                 self.holding = None
+        else:
+            self._chunk_running = False
         self._status("running" if sent else "rejected", obs_stamp=oldest_image, command_stamp=seconds(stamp),
                      input_age_ms=round(input_age_ms, 3), inference_ms=round(inference_ms, 3), chunk=len(chunk))
 

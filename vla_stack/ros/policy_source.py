@@ -63,6 +63,7 @@ class ExpertSource:
 
     name = "expert"
     needs_oracle = True
+    replan_steps = 1
 
     def __init__(self, robot: RobotSpec, control_hz: float):
         self.robot, self.control_hz = robot, control_hz
@@ -80,7 +81,7 @@ class ExpertSource:
         self.expert.reset(seed=int(state["seed"]))
         self.episode = state["episode"]
 
-    def chunk(self, obs: dict, state: dict | None) -> np.ndarray:
+    def chunk(self, obs: dict, state: dict | None, replan: bool = False) -> np.ndarray:
         if state is None:
             raise ValueError("the expert needs oracle/world_state (is sim_node publishing it?)")
         if state["episode"] != self.episode:
@@ -90,15 +91,17 @@ class ExpertSource:
 
 
 class CheckpointSource:
-    """A trained VLA checkpoint: each observation gives a chunk of future targets (predict_action_chunk); the
-    node runs inference off the executor itself, so the policy's own asynchronous inference is off. With a
-    planner (`wm`: world-model MCTS over the VLA's sampled chunks) each chunk is one planning decision, searched
-    within the planner's deadline."""
+    """A trained VLA checkpoint: a chunk of future targets every `replan_steps` observations (default: the
+    checkpoint's n_action_steps, as the in-process runner executes it), the running chunk in between; the node
+    runs inference off the executor itself, so the policy's own asynchronous inference is off. With a planner
+    (`wm`: world-model MCTS over the VLA's sampled chunks) each chunk is one planning decision, searched within
+    the planner's deadline; `mem` steps its high level on every observation and asks for a new chunk as soon as
+    it changes the subtask."""
 
     needs_oracle = False
 
     def __init__(self, path: str, robot: RobotSpec, planner: str = "none", planner_options: dict | None = None,
-                 inference_steps: int | None = None):
+                 inference_steps: int | None = None, replan_steps: int | None = None):
         from vla_stack.policy.vla.runner import load_vla_policy
 
         self.name = Path(path).name
@@ -119,25 +122,39 @@ class CheckpointSource:
             if not hasattr(self.policy, "predict_action_chunk"):
                 raise VlaStackError(f"planner '{planner}' cannot produce action chunks for the policy node")
             self.name += f"+{planner}"
+        self.replan_steps = replan_steps or self.policy.n_action_steps
+        self._since = 0  # observations since the last chunk
 
-    def chunk(self, obs: dict, state: dict | None) -> np.ndarray:
+    def chunk(self, obs: dict, state: dict | None, replan: bool = False) -> np.ndarray | None:
+        """A new chunk, or None while the last one should keep running. `replan`: no chunk runs (start, after a
+        hold or a rejected command)."""
         if obs["instruction"] != self.instruction:  # a new task: forget the previous one
             self.policy.reset()
-            self.instruction = obs["instruction"]
-        return np.asarray(self.policy.predict_action_chunk(obs), np.float32).reshape(-1, len(obs["state"]))
+            self.instruction, replan = obs["instruction"], True
+        changed = self.policy.observe(obs)  # every step: validation, video memory, a planner's own step
+        self._since += 1
+        if not (replan or changed or self._since >= self.replan_steps):
+            return None
+        self._since = 0
+        chunk = self.policy.predict_action_chunk(obs, observe=False)
+        return np.asarray(chunk, np.float32).reshape(-1, len(obs["state"]))
 
 
 def load_source(policy: str, robot: RobotSpec, control_hz: float, planner: str = "none",
-                planner_options: dict | None = None, inference_steps: int | None = None):
+                planner_options: dict | None = None, inference_steps: int | None = None,
+                replan_steps: int | None = None):
     """'expert' or a checkpoint directory (optionally wrapped by a planner: none, wm, mem) run with
-    `inference_steps` Euler steps per chunk (None: the checkpoint's); bad input raises VlaStackError with a
-    one-line reason."""
+    `inference_steps` Euler steps per chunk (None: the checkpoint's) and a new chunk every `replan_steps`
+    observations (None: the checkpoint's n_action_steps); bad input raises VlaStackError with a one-line reason."""
     if inference_steps is not None and inference_steps < 1:
         raise VlaStackError(f"inference_steps must be at least 1 (0 = the checkpoint's), got {inference_steps}")
+    if replan_steps is not None and replan_steps < 1:
+        raise VlaStackError(f"replan_steps must be at least 1 (0 = the checkpoint's), got {replan_steps}")
     if policy == "expert":
         if planner != "none":
             raise VlaStackError(f"planner '{planner}' needs a checkpoint policy, not the scripted expert")
         return ExpertSource(robot, control_hz)
     from vla_stack.paths import resolve_checkpoint
 
-    return CheckpointSource(str(resolve_checkpoint(policy)), robot, planner, planner_options, inference_steps)
+    return CheckpointSource(str(resolve_checkpoint(policy)), robot, planner, planner_options, inference_steps,
+                            replan_steps)

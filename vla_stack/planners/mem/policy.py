@@ -151,11 +151,27 @@ class MemPlanner:
         self.update(self._front(obs), goal)
         return self.policy.select_action(obs)
 
-    def predict_action_chunk(self, obs: dict) -> np.ndarray:
-        """Chunk mode (the ROS policy node with planner:=mem): each chunk request is one high-level step."""
+    @property
+    def n_action_steps(self) -> int:
+        return self.policy.n_action_steps
+
+    def observe(self, obs: dict) -> bool:
+        """Chunk mode (the ROS policy node with planner:=mem), one control step: the high level's step and the
+        low level's video memory. True when the high level changed the subtask: the running chunk is for the old
+        one, so ask for a new one (`predict_action_chunk(obs, observe=False)`)."""
         goal = obs.get("instruction") or (self.env.task.instruction if self.scene else "")
-        self.update(self._front(obs), goal)
-        return self.policy.predict_action_chunk(obs)
+        before = self.subtask
+        called = self.update(self._front(obs), goal)
+        self.policy.observe(obs)
+        return called and self.subtask != before
+
+    def predict_action_chunk(self, obs: dict, observe: bool = True) -> np.ndarray:
+        """Chunk mode: the low level's chunk for the current subtask; with `observe` this is also the step's
+        high-level update."""
+        if observe:
+            goal = obs.get("instruction") or (self.env.task.instruction if self.scene else "")
+            self.update(self._front(obs), goal)
+        return self.policy.predict_action_chunk(obs, observe=observe)
 
     def set_scene(self, task: TaskInstance | None, robot: RobotSpec | None) -> None:
         """Start an episode without an environment (the ROS node): memories are then checked against this

@@ -132,10 +132,21 @@ class WorldModelPlanner:
         self._queue = list(chunks[index, :H])
         return chunks[index, :H]
 
-    def predict_action_chunk(self, obs: dict) -> np.ndarray:
-        """One planning decision: the chosen chunk's first H steps (H, action_dim), robot units (the ROS node
-        sends whole chunks and asks again at its own rate)."""
+    @property
+    def n_action_steps(self) -> int:
+        """Steps of one decision's chunk: the world model's chunk length."""
+        return self.wm.config.chunk
+
+    def observe(self, obs: dict) -> bool:
+        """A control step without a decision (the ROS node between chunks): the VLA's video memory only."""
         self.vla.observe(obs)
+        return False
+
+    def predict_action_chunk(self, obs: dict, observe: bool = True) -> np.ndarray:
+        """One planning decision: the chosen chunk's first H steps (H, action_dim), robot units (the ROS node
+        sends whole chunks and asks again every H steps)."""
+        if observe:
+            self.vla.observe(obs)
         return self._plan(obs)
 
     def select_action(self, obs: dict) -> np.ndarray:

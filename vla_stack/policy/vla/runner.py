@@ -95,10 +95,11 @@ class VlaPolicy:
         self._sample(self.batch(obs), None)
         self.reset()
 
-    def predict_action_chunk(self, obs: dict) -> np.ndarray:
+    def predict_action_chunk(self, obs: dict, observe: bool = True) -> np.ndarray:
         """(chunk_size, action_dim) absolute joint targets + gripper for this observation (recorded as this
-        step's frame for the video memory)."""
-        self.observe(obs)
+        step's frame for the video memory unless `observe` is False: the caller already observed it)."""
+        if observe:
+            self.observe(obs)
         chunk = self._sample(self.batch(obs), None)
         return self.to_robot(chunk)
 
