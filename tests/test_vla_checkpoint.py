@@ -152,3 +152,22 @@ def test_evaluation_runs_the_requested_euler_steps(checkpoint):
     assert load_policy(str(checkpoint[0]), Env(), "sync").num_steps == policy.model.config.num_inference_steps
     with pytest.raises(VlaStackError, match="at least 1"):
         load_policy(str(checkpoint[0]), Env(), inference_steps=0)
+
+
+def test_shipped_mem_low_level_reads_its_video_memory():
+    """policies/vla_mem_tiny (the MEM planner's low level) loads by name and acts on where things were: the same
+    current observation with another episode-start frame gives another chunk ("put it back where it was")."""
+    from vla_stack.paths import resolve_checkpoint
+    from vla_stack.policy.vla.runner import load_vla_policy
+
+    policy = load_vla_policy(resolve_checkpoint("vla_mem_tiny"), "panda", async_inference=False)
+    assert tuple(policy.config.memory_offsets) == (8, 1000)
+    rng = np.random.default_rng(0)
+    now = {"images": {c: rng.integers(0, 255, (128, 128, 3), np.uint8) for c in ("front", "wrist")},
+           "state": np.zeros(8, np.float32), "instruction": "put the red cube back where it was"}
+    chunks = []
+    for start in (np.zeros((128, 128, 3), np.uint8), np.full((128, 128, 3), 255, np.uint8)):
+        policy.reset(seed=0)
+        policy.observe({**now, "images": {**now["images"], "front": start}})
+        chunks.append(policy.predict_action_chunk(now))
+    assert np.all(np.isfinite(chunks)) and np.abs(chunks[0] - chunks[1]).max() > 1e-3
