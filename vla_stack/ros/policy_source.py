@@ -59,11 +59,10 @@ class _OracleEnv:
 
 
 class ExpertSource:
-    """Scripted expert over the oracle topic; one action per control period (a chunk of length 1)."""
+    """Scripted expert over the oracle topic; one action per observation (a chunk of length 1)."""
 
     name = "expert"
     needs_oracle = True
-    replan_steps = 1
 
     def __init__(self, robot: RobotSpec, control_hz: float):
         self.robot, self.control_hz = robot, control_hz
