@@ -47,6 +47,11 @@ from vla_stack.sim.tabletop import CAMERAS, TabletopSim
 from vla_stack.sim.tasks import generate, get_family
 
 
+# Render threads create and destroy their GL contexts one at a time: context setup (EGL, Mesa, mjr_makeContext)
+# in two threads at once is the likeliest cause of a heap-corruption abort seen once at sim_node start-up.
+_GL_SETUP = threading.Lock()
+
+
 class SimNode(Node):
     def __init__(self, **kwargs):
         super().__init__("sim_node", **kwargs)
@@ -323,7 +328,8 @@ class SimNode(Node):
         GIL, so both 128 px views take ~4.7 ms instead of ~7.4 one after the other (llvmpipe, 2 cores)."""
         yield_to_control(self.render_niceness)
         height, width = self.sim.image_size
-        renderer = mujoco.Renderer(self.sim.model, height, width)
+        with _GL_SETUP:
+            renderer = mujoco.Renderer(self.sim.model, height, width)
         frame_id = f"{camera}_camera_optical_frame"
         fovy = float(self.sim.model.cam_fovy[self.sim.model.camera(camera).id])
         try:
@@ -339,7 +345,8 @@ class SimNode(Node):
                 self.image_pubs[camera].publish(image_msg(renderer.render(), stamp, frame_id))
                 self.info_pubs[camera].publish(camera_info_msg(width, height, fovy, stamp, frame_id))
         finally:
-            renderer.close()
+            with _GL_SETUP:
+                renderer.close()
 
     # ------------------------------------------------------------------------------------------- status
     def _publish_status(self) -> None:
