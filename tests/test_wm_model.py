@@ -102,6 +102,9 @@ def test_value_and_progress_targets():
     np.testing.assert_allclose(progress, [0.25, 0.5, 0.75, 1.0])
     value, progress = targets(np.array([0, 0, 1, 1]), 2, False, 0.5)
     assert not value.any() and progress.tolist() == [0, 0, 0.5, 0.5]
+    # a demo recorded past success: the value counts to the detector's step and is 1 after it
+    value, _ = targets(np.array([0, 0, 1, 1, 1]), 2, True, 0.5, success_step=3)
+    np.testing.assert_allclose(value, [0.125, 0.25, 0.5, 1.0, 1.0])
 
 
 def test_checkpoint_round_trip_and_corruption(tmp_path):

@@ -67,6 +67,8 @@ def collect(
     keep_failures: bool = typer.Option(False, help="Also store episodes the expert failed (flagged success=false)."),
     arm_noise: float = typer.Option(0.0, help="DART: std (rad) of a held offset added to the executed arm targets "
                                                "in free space; the clean expert targets are recorded."),
+    tail_steps: int = typer.Option(0, help="Keep recording this many steps after success (the gripper opening "
+                                            "fully and the arm backing off)."),
 ) -> None:
     """Record scripted-expert demonstrations into a crash-safe zarr episode store."""
     from vla_stack.data.collect import collect as run_collect, default_store_path
@@ -80,7 +82,7 @@ def collect(
         raise VlaStackError(f"training seeds must stay below {HELDOUT_SEED_START} (held out for evaluation)")
     path = store or default_store_path(resolve_data_dir(data_dir), task, robot)
     result = run_collect(task, robot, episodes, path, seed_start=seed_start, image_size=image_size,
-                         keep_failures=keep_failures, arm_noise=arm_noise)
+                         keep_failures=keep_failures, arm_noise=arm_noise, tail_steps=tail_steps)
     console.print(f"{result['saved']} episodes added to {result['store']} ({result['episodes_in_store']} in store, "
                   f"{result['expert_failures']} expert failures discarded)")
 

@@ -59,12 +59,17 @@ def default_store_path(data_dir: Path, task: str, robot: str) -> Path:
 
 
 def collect(task: str, robot: str, episodes: int, store_path: Path, seed_start: int = 0, image_size: int = 128,
-            keep_failures: bool = False, progress: bool = True, arm_noise: float = 0.0) -> dict:
+            keep_failures: bool = False, progress: bool = True, arm_noise: float = 0.0, tail_steps: int = 0) -> dict:
     """Append `episodes` expert demonstrations. Seeds continue after the highest seed already in the store, so
     an interrupted collection resumes without duplicating scenes. `arm_noise` > 0 (rad) disturbs the executed
-    arm targets (ArmDisturbance); recorded actions stay the expert's."""
+    arm targets (ArmDisturbance); recorded actions stay the expert's. `tail_steps` > 0 keeps recording that many
+    steps after success: the success detector fires the moment the fingers leave the cube, so without a tail a
+    demo never shows the gripper opening fully and the arm backing off (episode meta `success_step` marks
+    where the task was done)."""
     if episodes < 1:
         raise VlaStackError("--episodes must be at least 1")
+    if tail_steps < 0:
+        raise VlaStackError(f"--tail-steps must be >= 0, got {tail_steps}")
     if not np.isfinite(arm_noise) or arm_noise < 0:
         raise VlaStackError(f"--arm-noise must be a finite angle >= 0 (rad), got {arm_noise}")
     env = TabletopEnv(task, robot, image_size=image_size, cameras=CAMERAS)
@@ -80,7 +85,7 @@ def collect(task: str, robot: str, episodes: int, store_path: Path, seed_start: 
             if attempts >= 3 * episodes + 10:
                 raise VlaStackError(f"expert failed {failures} of {attempts} episodes; stopping collection")
             disturb = ArmDisturbance(arm_noise, seed) if arm_noise > 0 else None
-            success = _record_episode(env, expert, store, seed, keep_failures, disturb)
+            success = _record_episode(env, expert, store, seed, keep_failures, disturb, tail_steps)
             attempts += 1
             failures += not success
             saved += success or keep_failures
@@ -95,12 +100,14 @@ def collect(task: str, robot: str, episodes: int, store_path: Path, seed_start: 
 
 
 def _record_episode(env: TabletopEnv, expert: ScriptedExpert, store: EpisodeStore, seed: int,
-                    keep_failures: bool, disturb: ArmDisturbance | None = None) -> bool:
+                    keep_failures: bool, disturb: ArmDisturbance | None = None, tail_steps: int = 0) -> bool:
     obs, info = env.reset(seed=seed)
     expert.reset(seed=seed)
     with store.begin_episode(instruction=env.instruction, subtasks=info["subtasks"], task=env.family.name,
                              seed=seed) as writer:
         done = False
+        tail = 0
+        success_step = None
         while not done:
             action = expert.select_action(obs)
             frame = {f"images.{c}": obs["images"][c] for c in env.cameras}
@@ -108,11 +115,15 @@ def _record_episode(env: TabletopEnv, expert: ScriptedExpert, store: EpisodeStor
                          subtask_index=np.int64(info["subtask_index"]))
             writer.add_frame(frame)
             obs, _, terminated, truncated, info = env.step(disturb(env, action) if disturb else action)
-            done = terminated or truncated
-        success = bool(info["success"])
+            if success_step is None and terminated:
+                success_step = env.steps
+            tail += success_step is not None and success_step < env.steps
+            done = truncated or (success_step is not None and tail >= tail_steps)
+        success = success_step is not None and bool(info["success"])  # a tail that undid the goal is a failure
         if success or keep_failures:
             writer.commit(success=success, extra={"steps": env.steps, "clipped_actions": info["clipped_actions"],
-                                                  "arm_noise": disturb.sigma if disturb else 0.0})
+                                                  "arm_noise": disturb.sigma if disturb else 0.0,
+                                                  "success_step": success_step})
         else:
             writer.discard()
     return success

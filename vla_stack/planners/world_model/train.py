@@ -56,13 +56,15 @@ class WmEpisode:
     seed: int | None
 
 
-def targets(subtask_index: np.ndarray, n_subtasks: int, success: bool, gamma: float) -> tuple[np.ndarray, np.ndarray]:
-    """Value: gamma**(steps until the success detector fired) for successful episodes, 0 otherwise.
+def targets(subtask_index: np.ndarray, n_subtasks: int, success: bool, gamma: float,
+            success_step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Value: gamma**(steps until the success detector fired) for successful episodes (`success_step`, the end
+    when the demo was not recorded past it; 1 on the frames after it), 0 otherwise.
     Progress: completed subtasks / n; inside a successful episode's subtask segment it rises linearly to the
     next boundary (a failed episode gets no credit for time spent)."""
     T = len(subtask_index)
     n = max(n_subtasks, 1)
-    steps_left = T - np.arange(T)
+    steps_left = np.maximum((success_step or T) - np.arange(T), 0)
     value = gamma ** steps_left if success else np.zeros(T)
     progress = np.minimum(subtask_index, n).astype(np.float64) / n
     if success:
@@ -95,7 +97,8 @@ def load_episodes(paths: list[str], cfg: WmConfig, max_per_store: int | None = N
                 continue
             images = np.stack([resize_images(data[f"images.{c}"], cfg.image_size) for c in cfg.cameras], 1)
             success = bool(meta.success)
-            value, prog = targets(np.asarray(data["subtask_index"]), len(meta.subtasks), success, cfg.gamma)
+            value, prog = targets(np.asarray(data["subtask_index"]), len(meta.subtasks), success, cfg.gamma,
+                                  meta.extra.get("success_step"))
             ep = WmEpisode(meta.instruction, images, data["state"].astype(np.float32),
                            data["action"].astype(np.float32), value, prog, success, Path(path).name, meta.seed)
             (val if n % VAL_EVERY == VAL_EVERY - 1 else train).append(ep)
