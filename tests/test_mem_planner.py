@@ -512,3 +512,44 @@ def test_shipped_checkpoint_plans_sort_with_the_subtask_executor():
         assert metrics["completion_checks"] >= 1
     finally:
         env.close()
+
+
+def test_oracle_high_level_hands_the_low_level_the_next_unfinished_subtask():
+    """high_level=oracle (diagnosis): the low level's instruction is the first subtask whose goal does not hold;
+    a cube put in its bin moves it on, one knocked out again brings it back and is counted."""
+    from vla_stack.paths import resolve_checkpoint
+    from vla_stack.policy.vla.runner import load_vla_policy
+
+    env = TabletopEnv("sort", "panda", image_size=64)
+    try:
+        low = load_vla_policy(resolve_checkpoint("vla_mem_tiny"), "panda", async_inference=False)
+        with pytest.raises(VlaStackError, match="model or oracle"):
+            make_policy(low, env, high_level="sometimes")
+        with pytest.raises(VlaStackError, match="learned low level"):
+            make_policy(ScriptedExpert(env), env, high_level="oracle")
+        planner = make_policy(low, env, high_level="oracle")
+        obs, _ = env.reset(seed=1_000_001)
+        planner.reset(seed=1_000_001)
+        first, second = env.task.subtasks[0], env.task.subtasks[1]
+
+        def move_cube(cube: int, xy) -> None:
+            body = env.sim._cube_body[cube]
+            adr = env.sim.model.jnt_qposadr[env.sim.model.body_jntadr[body]]
+            env.sim.data.qpos[adr:adr + 3] = (*xy, env.sim.data.qpos[adr + 2] + 0.004)
+            mujoco.mj_forward(env.sim.model, env.sim.data)
+            for _ in range(3):
+                env.sim.step()
+
+        assert np.isfinite(planner.select_action(obs)).all() and low.instruction == first.text
+        move_cube(first.goal.cube, env.sim.receptacle_pos(first.goal.target)[:2])
+        assert env.sim.goal_reached(first.goal)
+        obs, *_ = env.step(planner.select_action(obs))
+        assert low.instruction == second.text
+        move_cube(first.goal.cube, env.task.cubes[first.goal.cube].xy)
+        planner.select_action(obs)
+        assert low.instruction == first.text
+        metrics = planner.episode_metrics()
+        assert metrics["subtasks_undone"] == 1 and metrics["subtask_switches"] == 2
+        assert planner.summary()["low_level"] == low.name
+    finally:
+        env.close()

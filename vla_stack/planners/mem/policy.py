@@ -356,6 +356,58 @@ class MemPlanner:
         }
 
 
+class OracleHighLevel:
+    """Diagnosis only (privileged): hands the low level the first subtask whose goal does not hold by the scene's
+    detectors, so the low level's own success on the subtask texts, the ceiling of any high level over it, is
+    measured apart from the planner's errors. Reports how long each subtask ran and how often a done subtask came
+    undone (a placed cube knocked out)."""
+
+    def __init__(self, policy, env):
+        self.policy, self.env = policy, env
+        self.low_level = getattr(policy, "name", type(policy).__name__)
+        self.name = f"oracle({self.low_level})"
+        self.episodes = 0
+        self.totals = {"switches": 0, "undone": 0, "steps": 0}
+        self._steps_per_subtask: list[int] = []
+        self._episode: dict = {}
+
+    def reset(self, seed: int | None = None) -> None:
+        self.policy.reset(seed)
+        self._episode = {"running": None, "started": 0, "steps": 0, "switches": 0, "undone": 0, "done": set(),
+                         "subtask_steps": []}
+
+    def select_action(self, obs: dict) -> np.ndarray:
+        ep, task = self._episode, self.env.task
+        done = self.env.completed_subtasks()
+        ep["undone"] += len(ep["done"] - done)
+        ep["done"] = done
+        pending = [i for i in range(len(task.subtasks)) if i not in done]
+        if pending and pending[0] != ep["running"]:
+            if ep["running"] is not None:
+                ep["switches"] += 1
+                if ep["running"] in done:
+                    ep["subtask_steps"].append(ep["steps"] - ep["started"])
+            ep["running"], ep["started"] = pending[0], ep["steps"]
+            self.policy.instruction = task.subtasks[pending[0]].text
+        ep["steps"] += 1
+        return self.policy.select_action(obs)
+
+    def episode_metrics(self) -> dict:
+        ep = self._episode
+        self.episodes += 1
+        for key in self.totals:
+            self.totals[key] += ep[key]
+        self._steps_per_subtask += ep["subtask_steps"]
+        return {"high_level": "oracle", "subtask_switches": ep["switches"], "subtasks_undone": ep["undone"],
+                "steps_per_finished_subtask": ep["subtask_steps"]}
+
+    def summary(self) -> dict:
+        return {"high_level": "oracle (privileged: the scene's next unfinished subtask)", "low_level": self.low_level,
+                "episodes": self.episodes, "subtasks_undone": self.totals["undone"],
+                "steps_per_finished_subtask_p50": _percentile(self._steps_per_subtask, 50),
+                "steps_per_finished_subtask_p90": _percentile(self._steps_per_subtask, 90)}
+
+
 def _grammar_checked(text: object) -> str:
     from vla_stack.planners.mem.memory import is_memory_text
 
@@ -398,14 +450,20 @@ def trigger_settings(model, threshold=None, confirm=None) -> tuple[float, int]:
 
 
 def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_every=5, replan_steps=100,
-                threshold=None, confirm=None, settle=0, **unknown) -> MemPlanner:
+                threshold=None, confirm=None, settle=0, high_level="model", **unknown) -> MemPlanner | OracleHighLevel:
     """The `--planner mem` entry point (see vla_stack.planners.wrap_policy). Options arrive as strings from the
     command line: memory=on|off, check_every=N, replan_steps=N, threshold=P, settle=N (steps from the head firing
     to the call), confirm=N (consecutive positive completion checks before a call); threshold and confirm default
-    to the checkpoint's."""
+    to the checkpoint's. high_level=oracle replaces the model by OracleHighLevel (evaluation only)."""
     if unknown:
         raise VlaStackError(f"unknown mem planner option(s) {sorted(unknown)} "
-                            "(known: memory, check_every, replan_steps, threshold, confirm, settle)")
+                            "(known: memory, check_every, replan_steps, threshold, confirm, settle, high_level)")
+    if high_level not in ("model", "oracle"):
+        raise VlaStackError(f"planner option high_level must be model or oracle, got {high_level!r}")
+    if high_level == "oracle":
+        if env is None or not hasattr(env, "completed_subtasks") or type(policy) is ScriptedExpert:
+            raise VlaStackError("high_level=oracle needs a simulated scene and a learned low level")
+        return OracleHighLevel(policy, env)
     try:
         check_every, replan_steps, settle = int(check_every), int(replan_steps), int(settle)
         threshold = None if threshold is None else float(threshold)
