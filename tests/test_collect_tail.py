@@ -30,3 +30,35 @@ def test_tail_records_the_gripper_opening_fully_after_success(tmp_path):
 def test_negative_tail_is_refused(tmp_path):
     with pytest.raises(VlaStackError, match="tail-steps"):
         collect("place", "so101", 1, tmp_path / "x.zarr", tail_steps=-1, progress=False)
+
+
+def test_paused_hand_off_keeps_the_finished_subtask_as_instruction_until_the_next_is_due(tmp_path):
+    from vla_stack.data.collect import SubtaskHandOff
+    from vla_stack.sim.env import TabletopEnv
+
+    env = TabletopEnv("restore", "panda", image_size=32, cameras=())
+    try:
+        env.reset(seed=SEED)
+        handoff = SubtaskHandOff(env, pause_steps=15)
+        handoff.reset(SEED)
+        finished_at, handed_at = None, None
+        for _ in range(env.max_steps):
+            index = handoff.subtask_index()
+            assert handoff.expert.instruction == env.task.subtasks[index].text
+            if env.subtask_index == 1 and finished_at is None:
+                finished_at = env.steps
+            if index == 1 and handed_at is None:
+                handed_at = env.steps
+            _, _, terminated, _, _ = env.step(handoff.expert.select_action())
+            if terminated:
+                break
+        assert terminated and finished_at is not None
+        assert 0 <= handed_at - finished_at <= 15
+    finally:
+        env.close()
+    result = collect("restore", "panda", 1, tmp_path / "p.zarr", seed_start=SEED, image_size=32, progress=False,
+                     pause_steps=15)
+    meta = EpisodeStore.open(tmp_path / "p.zarr").episode_meta(0)
+    assert result["saved"] == 1 and meta.extra["executor"] == "subtask" and meta.extra["pause_steps"] == 15
+    with pytest.raises(VlaStackError, match="pause-steps"):
+        collect("restore", "panda", 1, tmp_path / "x.zarr", pause_steps=-1, progress=False)

@@ -69,6 +69,9 @@ def collect(
                                                "in free space; the clean expert targets are recorded."),
     tail_steps: int = typer.Option(0, help="Keep recording this many steps after success (the gripper opening "
                                             "fully and the arm backing off)."),
+    pause_steps: Optional[int] = typer.Option(None, help="Run the subtask executor one subtask at a time, the next "
+                                                         "handed over up to this many steps after the previous one "
+                                                         "finished, as the MEM planner runs a low level."),
 ) -> None:
     """Record scripted-expert demonstrations into a crash-safe zarr episode store."""
     from vla_stack.data.collect import collect as run_collect, default_store_path
@@ -82,7 +85,8 @@ def collect(
         raise VlaStackError(f"training seeds must stay below {HELDOUT_SEED_START} (held out for evaluation)")
     path = store or default_store_path(resolve_data_dir(data_dir), task, robot)
     result = run_collect(task, robot, episodes, path, seed_start=seed_start, image_size=image_size,
-                         keep_failures=keep_failures, arm_noise=arm_noise, tail_steps=tail_steps)
+                         keep_failures=keep_failures, arm_noise=arm_noise, tail_steps=tail_steps,
+                         pause_steps=pause_steps)
     console.print(f"{result['saved']} episodes added to {result['store']} ({result['episodes_in_store']} in store, "
                   f"{result['expert_failures']} expert failures discarded)")
 

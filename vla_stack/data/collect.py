@@ -54,22 +54,59 @@ class ArmDisturbance:
         return disturbed
 
 
+class SubtaskHandOff:
+    """Low-level demos timed the way the hierarchical planner runs them (`--pause-steps`): the subtask executor
+    (planners.mem.policy.SubtaskExpert) gets one subtask at a time, and the next arrives up to `pause_steps` steps
+    after the previous one finished (the high level's detection delay). Meanwhile the finished subtask is still
+    the instruction, and the executor lets go, backs away and parks: what a low level should do then, instead
+    of the flat expert's "go straight on to the next cube", which it cannot know from its instruction. Frames
+    record the handed subtask's index, so each frame's instruction is the one the low level had."""
+
+    def __init__(self, env: TabletopEnv, pause_steps: int):
+        from vla_stack.planners.mem.policy import SubtaskExpert
+
+        self.env, self.pause_steps = env, pause_steps
+        self.expert = SubtaskExpert(env)
+
+    def reset(self, seed: int) -> None:
+        self.expert.reset(seed=seed)
+        self.rng = np.random.default_rng([seed, 7])
+        self.handed, self.due = -1, None
+
+    def subtask_index(self) -> int:
+        """Hand the next subtask over when it is due; the index of the subtask being executed."""
+        from vla_stack.planners.mem.memory import DONE
+
+        env, subtasks = self.env, self.env.task.subtasks
+        if env.subtask_index != self.handed:
+            if self.due is None:
+                self.due = env.steps + (int(self.rng.integers(0, self.pause_steps + 1)) if self.handed >= 0 else 0)
+            if env.steps >= self.due:
+                self.handed, self.due = env.subtask_index, None
+                self.expert.instruction = subtasks[self.handed].text if self.handed < len(subtasks) else DONE
+        return min(max(self.handed, 0), len(subtasks) - 1)
+
+
 def default_store_path(data_dir: Path, task: str, robot: str) -> Path:
     return data_dir / "datasets" / f"{task}-{robot}.zarr"
 
 
 def collect(task: str, robot: str, episodes: int, store_path: Path, seed_start: int = 0, image_size: int = 128,
-            keep_failures: bool = False, progress: bool = True, arm_noise: float = 0.0, tail_steps: int = 0) -> dict:
+            keep_failures: bool = False, progress: bool = True, arm_noise: float = 0.0, tail_steps: int = 0,
+            pause_steps: int | None = None) -> dict:
     """Append `episodes` expert demonstrations. Seeds continue after the highest seed already in the store, so
     an interrupted collection resumes without duplicating scenes. `arm_noise` > 0 (rad) disturbs the executed
     arm targets (ArmDisturbance); recorded actions stay the expert's. `tail_steps` > 0 keeps recording that many
     steps after success: the success detector fires the moment the fingers leave the cube, so without a tail a
     demo never shows the gripper opening fully and the arm backing off (episode meta `success_step` marks
-    where the task was done)."""
+    where the task was done). `pause_steps` (0 or more) runs the subtask executor one subtask at a time
+    (SubtaskHandOff) instead of the flat expert."""
     if episodes < 1:
         raise VlaStackError("--episodes must be at least 1")
     if tail_steps < 0:
         raise VlaStackError(f"--tail-steps must be >= 0, got {tail_steps}")
+    if pause_steps is not None and pause_steps < 0:
+        raise VlaStackError(f"--pause-steps must be >= 0, got {pause_steps}")
     if not np.isfinite(arm_noise) or arm_noise < 0:
         raise VlaStackError(f"--arm-noise must be a finite angle >= 0 (rad), got {arm_noise}")
     env = TabletopEnv(task, robot, image_size=image_size, cameras=CAMERAS)
@@ -78,7 +115,7 @@ def collect(task: str, robot: str, episodes: int, store_path: Path, seed_start: 
                                             features=store_features(env))
         used = [meta.seed for i in store.episode_indices() if (meta := store.episode_meta(i)).seed is not None]
         seed = max(seed_start, max(used, default=seed_start - 1) + 1)
-        expert = ScriptedExpert(env)
+        expert = SubtaskHandOff(env, pause_steps) if pause_steps is not None else ScriptedExpert(env)
         saved = attempts = failures = 0
         bar = tqdm(total=episodes, desc=f"collect {task}/{robot}", disable=not progress, unit="ep")
         while saved < episodes:
@@ -99,20 +136,22 @@ def collect(task: str, robot: str, episodes: int, store_path: Path, seed_start: 
             "episodes_in_store": len(store)}
 
 
-def _record_episode(env: TabletopEnv, expert: ScriptedExpert, store: EpisodeStore, seed: int,
+def _record_episode(env: TabletopEnv, expert: ScriptedExpert | SubtaskHandOff, store: EpisodeStore, seed: int,
                     keep_failures: bool, disturb: ArmDisturbance | None = None, tail_steps: int = 0) -> bool:
     obs, info = env.reset(seed=seed)
     expert.reset(seed=seed)
+    handoff = expert if isinstance(expert, SubtaskHandOff) else None
+    extra = {"executor": "subtask", "pause_steps": handoff.pause_steps} if handoff else {}
     with store.begin_episode(instruction=env.instruction, subtasks=info["subtasks"], task=env.family.name,
                              seed=seed) as writer:
         done = False
         tail = 0
         success_step = None
         while not done:
-            action = expert.select_action(obs)
+            index = handoff.subtask_index() if handoff else info["subtask_index"]
+            action = (handoff.expert if handoff else expert).select_action(obs)
             frame = {f"images.{c}": obs["images"][c] for c in env.cameras}
-            frame.update(state=obs["state"], action=np.asarray(action, np.float32),
-                         subtask_index=np.int64(info["subtask_index"]))
+            frame.update(state=obs["state"], action=np.asarray(action, np.float32), subtask_index=np.int64(index))
             writer.add_frame(frame)
             obs, _, terminated, truncated, info = env.step(disturb(env, action) if disturb else action)
             if success_step is None and terminated:
@@ -123,7 +162,7 @@ def _record_episode(env: TabletopEnv, expert: ScriptedExpert, store: EpisodeStor
         if success or keep_failures:
             writer.commit(success=success, extra={"steps": env.steps, "clipped_actions": info["clipped_actions"],
                                                   "arm_noise": disturb.sigma if disturb else 0.0,
-                                                  "success_step": success_step})
+                                                  "success_step": success_step, **extra})
         else:
             writer.discard()
     return success
