@@ -550,6 +550,7 @@ def test_oracle_high_level_hands_the_low_level_the_next_unfinished_subtask():
         assert low.instruction == first.text
         metrics = planner.episode_metrics()
         assert metrics["subtasks_undone"] == 1 and metrics["subtask_switches"] == 2
-        assert planner.summary()["low_level"] == low.name
+        summary = planner.summary()
+        assert summary["low_level"] == low.name and summary["episodes"] == 1 and summary["subtasks_undone"] == 1
     finally:
         env.close()

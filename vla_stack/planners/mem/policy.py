@@ -359,22 +359,33 @@ class MemPlanner:
 class OracleHighLevel:
     """Diagnosis only (privileged): hands the low level the first subtask whose goal does not hold by the scene's
     detectors, so the low level's own success on the subtask texts, the ceiling of any high level over it, is
-    measured apart from the planner's errors. Reports how long each subtask ran and how often a done subtask came
-    undone (a placed cube knocked out)."""
+    measured apart from the planner's errors. Reports how long each finished subtask ran and how often a done
+    subtask came undone (a placed cube knocked out)."""
 
     def __init__(self, policy, env):
         self.policy, self.env = policy, env
         self.low_level = getattr(policy, "name", type(policy).__name__)
         self.name = f"oracle({self.low_level})"
-        self.episodes = 0
-        self.totals = {"switches": 0, "undone": 0, "steps": 0}
-        self._steps_per_subtask: list[int] = []
-        self._episode: dict = {}
+        self.episodes, self.undone = 0, 0
+        self.subtask_steps: list[int] = []
+        self._episode = self._new_episode()
+
+    @staticmethod
+    def _new_episode() -> dict:
+        return {"running": None, "started": 0, "steps": 0, "switches": 0, "undone": 0, "done": set(),
+                "subtask_steps": []}
 
     def reset(self, seed: int | None = None) -> None:
+        self._finish_episode()
         self.policy.reset(seed)
-        self._episode = {"running": None, "started": 0, "steps": 0, "switches": 0, "undone": 0, "done": set(),
-                         "subtask_steps": []}
+
+    def _finish_episode(self) -> None:
+        ep = self._episode
+        if ep["steps"]:
+            self.episodes += 1
+            self.undone += ep["undone"]
+            self.subtask_steps += ep["subtask_steps"]
+        self._episode = self._new_episode()
 
     def select_action(self, obs: dict) -> np.ndarray:
         ep, task = self._episode, self.env.task
@@ -394,18 +405,15 @@ class OracleHighLevel:
 
     def episode_metrics(self) -> dict:
         ep = self._episode
-        self.episodes += 1
-        for key in self.totals:
-            self.totals[key] += ep[key]
-        self._steps_per_subtask += ep["subtask_steps"]
         return {"high_level": "oracle", "subtask_switches": ep["switches"], "subtasks_undone": ep["undone"],
-                "steps_per_finished_subtask": ep["subtask_steps"]}
+                "steps_per_finished_subtask": list(ep["subtask_steps"])}
 
     def summary(self) -> dict:
+        self._finish_episode()
         return {"high_level": "oracle (privileged: the scene's next unfinished subtask)", "low_level": self.low_level,
-                "episodes": self.episodes, "subtasks_undone": self.totals["undone"],
-                "steps_per_finished_subtask_p50": _percentile(self._steps_per_subtask, 50),
-                "steps_per_finished_subtask_p90": _percentile(self._steps_per_subtask, 90)}
+                "episodes": self.episodes, "subtasks_undone": self.undone,
+                "steps_per_finished_subtask_p50": _percentile(self.subtask_steps, 50),
+                "steps_per_finished_subtask_p90": _percentile(self.subtask_steps, 90)}
 
 
 def _grammar_checked(text: object) -> str:
