@@ -448,6 +448,10 @@ def test_make_policy_options_and_subtask_executor(tmp_path, text):
         planner = make_policy(ScriptedExpert(env), env, checkpoint=path, memory="off", check_every="3", settle="4")
         assert isinstance(planner.policy, SubtaskExpert) and not planner.use_memory and planner.check_every == 3
         assert planner.settle == 4 and (planner.threshold, planner.confirm) == (0.5, 1)  # no calibration saved
+        assert planner.stall_threshold == 0.5
+        assert make_policy(ScriptedExpert(env), env, checkpoint=path, stall_threshold="0.8").stall_threshold == 0.8
+        with pytest.raises(VlaStackError, match="stall_threshold"):
+            make_policy(ScriptedExpert(env), env, checkpoint=path, stall_threshold="1.5")
         # A checkpoint's calibrated trigger is the default; options still override it.
         calibrated = HighLevelModel(MemConfig(**TINY), text=text).save(
             tmp_path / "calibrated", extra={"use_memory": True, "trigger": {"threshold": 0.8, "confirm": 2}})

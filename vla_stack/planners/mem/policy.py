@@ -107,11 +107,13 @@ class MemPlanner:
 
     def __init__(self, policy, env, model: HighLevelModel, use_memory: bool = True, check_every: int = 5,
                  replan_steps: int = 100, threshold: float = 0.5, low_level: str | None = None, confirm: int = 1,
-                 settle: int = 0):
+                 settle: int = 0, stall_threshold: float = 0.5):
         if check_every < 1 or replan_steps < 1 or confirm < 1 or settle < 0:
             raise VlaStackError("check_every, replan_steps and confirm must be at least 1, settle at least 0")
+        if not 0.0 <= stall_threshold <= 1.0:
+            raise VlaStackError(f"stall_threshold must be a probability, got {stall_threshold}")
         self.confirm, self.settle = confirm, settle
-        self.stall_threshold = 0.5
+        self.stall_threshold = stall_threshold
         self._settle_at: int | None = None
         self._positives = 0
         self.policy, self.env, self.model = policy, env, model
@@ -458,14 +460,18 @@ def trigger_settings(model, threshold=None, confirm=None) -> tuple[float, int]:
 
 
 def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_every=5, replan_steps=100,
-                threshold=None, confirm=None, settle=0, high_level="model", **unknown) -> MemPlanner | OracleHighLevel:
+                threshold=None, confirm=None, settle=0, high_level="model", stall_threshold=0.5,
+                **unknown) -> MemPlanner | OracleHighLevel:
     """The `--planner mem` entry point (see vla_stack.planners.wrap_policy). Options arrive as strings from the
     command line: memory=on|off, check_every=N, replan_steps=N, threshold=P, settle=N (steps from the head firing
     to the call), confirm=N (consecutive positive completion checks before a call); threshold and confirm default
-    to the checkpoint's. high_level=oracle replaces the model by OracleHighLevel (evaluation only)."""
+    to the checkpoint's; stall_threshold=P, the completion probability at which a stall re-plan adds the running
+    subtask's outcome to an unchanged memory. high_level=oracle replaces the model by OracleHighLevel
+    (evaluation only)."""
     if unknown:
         raise VlaStackError(f"unknown mem planner option(s) {sorted(unknown)} "
-                            "(known: memory, check_every, replan_steps, threshold, confirm, settle, high_level)")
+                            "(known: memory, check_every, replan_steps, threshold, confirm, settle, stall_threshold, "
+                            "high_level)")
     if high_level not in ("model", "oracle"):
         raise VlaStackError(f"planner option high_level must be model or oracle, got {high_level!r}")
     if high_level == "oracle":
@@ -475,6 +481,7 @@ def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_
     try:
         check_every, replan_steps, settle = int(check_every), int(replan_steps), int(settle)
         threshold = None if threshold is None else float(threshold)
+        stall_threshold = float(stall_threshold)
         confirm = None if confirm is None else int(confirm)
     except ValueError as exc:
         raise VlaStackError(f"bad mem planner option: {exc}") from None
@@ -487,4 +494,4 @@ def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_
         low_level = "scripted-subtask-executor (privileged object poses)"
     return MemPlanner(policy, env, model, use_memory=use_memory, check_every=check_every,
                       replan_steps=replan_steps, threshold=threshold, low_level=low_level, confirm=confirm,
-                      settle=settle)
+                      settle=settle, stall_threshold=stall_threshold)
