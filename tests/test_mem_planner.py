@@ -448,7 +448,8 @@ def test_make_policy_options_and_subtask_executor(tmp_path, text):
         planner = make_policy(ScriptedExpert(env), env, checkpoint=path, memory="off", check_every="3", settle="4")
         assert isinstance(planner.policy, SubtaskExpert) and not planner.use_memory and planner.check_every == 3
         assert planner.settle == 4 and (planner.threshold, planner.confirm) == (0.5, 1)  # no calibration saved
-        assert planner.stall_threshold == 0.5
+        assert planner.stall_threshold == 0.5 and planner.holding_closure == 0.25
+        assert make_policy(ScriptedExpert(env), env, checkpoint=path, holding_closure="off").holding_closure is None
         assert make_policy(ScriptedExpert(env), env, checkpoint=path, stall_threshold="0.8").stall_threshold == 0.8
         with pytest.raises(VlaStackError, match="stall_threshold"):
             make_policy(ScriptedExpert(env), env, checkpoint=path, stall_threshold="1.5")
@@ -558,3 +559,30 @@ def test_oracle_high_level_hands_the_low_level_the_next_unfinished_subtask():
         assert summary["low_level"] == low.name and summary["episodes"] == 1 and summary["subtasks_undone"] == 1
     finally:
         env.close()
+
+
+def test_no_call_while_the_gripper_holds_a_cube(text):
+    """Every sort/restore subtask ends with the cube let go: while the gripper is closed the completion head is
+    not consulted and a stall re-plan waits, so a cube carried over its bowl is never recorded as placed."""
+    model = ScriptedOutputs(MemConfig(**TINY), text=text)
+    planner = MemPlanner(None, None, model, check_every=1, replan_steps=4, holding_closure=0.25)
+    task = generate("restore", PANDA, 1)
+    memory = TaskMemory(task, PANDA)
+    first, second = task.subtasks[0].text, task.subtasks[1].text
+    planner.set_scene(task, PANDA)
+    image = np.zeros((64, 64, 3), np.uint8)
+    model.set_outputs(first, memory.label(0))
+    assert planner.update(image, task.instruction, gripper=0.0) and planner.subtask == first
+    model.set_outputs(second, memory.label(1))  # the head would fire and the decoder claim the cube is in
+    for _ in range(10):  # carried: closed on the cube, well past replan_steps
+        assert not planner.update(image, task.instruction, gripper=0.46)
+    assert planner.subtask == first and planner.memory == memory.label(0)
+    assert planner.episode_metrics()["holding_steps"] == 10
+    assert planner.update(image, task.instruction, gripper=0.02) and planner.subtask == second  # let go
+    # Without the gate (holding_closure None) the same carried cube is recorded at once.
+    ungated = MemPlanner(None, None, model, check_every=1, replan_steps=4, holding_closure=None)
+    ungated.set_scene(task, PANDA)
+    model.set_outputs(first, memory.label(0))
+    ungated.update(image, task.instruction, gripper=0.0)
+    model.set_outputs(second, memory.label(1))
+    assert ungated.update(image, task.instruction, gripper=0.46) and ungated.subtask == second

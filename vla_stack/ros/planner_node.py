@@ -4,7 +4,8 @@ text as std_msgs/String on planner/subtask and planner/memory (latched). Remap t
 task/instruction onto planner/subtask and it runs the subtasks (sim_eval.launch.py planner:=mem does that).
 
 The high level runs at subtask boundaries: every `check_every` control periods only the completion head runs;
-the decoder runs when it fires (or after `replan_steps` periods without a call). The memory is inspectable on
+the decoder runs when it fires (or after `replan_steps` periods without a call). With joint_states of the
+scene's robot it makes no call while the gripper is closed (`holding_closure`; see MemPlanner.update). The memory is inspectable on
 planner/memory and ~/status, resettable with the ~/reset_memory service (std_srvs/Trigger), and can be set from
 outside on ~/set_memory (std_msgs/String). A memory that is garbled or unknown for the scene, whoever wrote it,
 is logged and reset to the empty memory; it never stops the node.
@@ -17,12 +18,12 @@ import threading
 
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from vla_stack.errors import VlaStackError
-from vla_stack.ros.common import LATCHED_QOS, PUBLISH_QOS, SENSOR_QOS, image_array, param, run
+from vla_stack.ros.common import LATCHED_QOS, PUBLISH_QOS, SENSOR_QOS, image_array, joint_positions, param, run
 
 
 class PlannerNode(Node):
@@ -40,21 +41,27 @@ class PlannerNode(Node):
                                                   "(0 = the checkpoint's)", True)
         confirm = param(self, "confirm", 0, "Consecutive positive completion checks before a call (0 = the "
                                             "checkpoint's)", True)
+        holding = param(self, "holding_closure", 0.25, "Gripper closure above which the high level is not called "
+                                                       "(a cube still held cannot be placed yet; negative = off)", True)
         rate = param(self, "control_rate", 10.0, "Control periods per second (the policy's rate)", True)
         self.camera = param(self, "camera", "front", "Camera the high level sees", True)
         model = load_model(checkpoint or default_checkpoint())  # CheckpointError -> one-line error, exit 2
         threshold, confirm = trigger_settings(model, threshold or None, confirm or None)
         self.planner = MemPlanner(None, None, model, use_memory=use_memory, check_every=check_every,
-                                  replan_steps=replan_steps, threshold=threshold, confirm=confirm)
+                                  replan_steps=replan_steps, threshold=threshold, confirm=confirm,
+                                  holding_closure=holding if holding >= 0 else None)
         self.planner.warn = lambda message: self.get_logger().warning(message)
         self._lock = threading.Lock()
         self._image: Image | None = None
+        self._joints: JointState | None = None
+        self.robot = None
         self.goal = ""
         self.subtask_pub = self.create_publisher(String, "planner/subtask", LATCHED_QOS)
         self.memory_pub = self.create_publisher(String, "planner/memory", LATCHED_QOS)
         self.status_pub = self.create_publisher(String, "~/status", PUBLISH_QOS)
         inputs = MutuallyExclusiveCallbackGroup()
         self.create_subscription(Image, f"{self.camera}/image_raw", self._on_image, SENSOR_QOS, callback_group=inputs)
+        self.create_subscription(JointState, "joint_states", self._on_joints, SENSOR_QOS, callback_group=inputs)
         self.create_subscription(String, "task/instruction", self._on_goal, LATCHED_QOS, callback_group=inputs)
         self.create_subscription(String, "task/info", self._on_info, LATCHED_QOS, callback_group=inputs)
         self.create_subscription(String, "~/set_memory", self._on_set_memory, PUBLISH_QOS, callback_group=inputs)
@@ -65,6 +72,18 @@ class PlannerNode(Node):
     # ------------------------------------------------------------------------------------------- inputs
     def _on_image(self, msg: Image) -> None:
         self._image = msg
+
+    def _on_joints(self, msg: JointState) -> None:
+        self._joints = msg
+
+    def _gripper(self) -> float | None:
+        """The scene robot's gripper closure from the latest joint_states, None when unknown."""
+        from vla_stack.sim.robots import gripper_state
+
+        if self.robot is None or self._joints is None:
+            return None
+        measured = joint_positions(self._joints, [self.robot.gripper_joint])
+        return None if measured is None else float(gripper_state(self.robot, measured[0][0]))
 
     def _on_goal(self, msg: String) -> None:
         self.goal = msg.data
@@ -83,6 +102,7 @@ class PlannerNode(Node):
             task, robot = None, None
         with self._lock:
             self.planner.set_scene(task, robot)
+            self.robot = robot
             if task is not None and not self.goal:
                 self.goal = task.instruction
         self._publish_memory()
@@ -114,7 +134,7 @@ class PlannerNode(Node):
             return
         with self._lock:
             try:
-                called = self.planner.update(image, self.goal)
+                called = self.planner.update(image, self.goal, self._gripper())
             except VlaStackError as exc:
                 self.get_logger().error(f"high level failed: {exc}", throttle_duration_sec=5.0)
                 return

@@ -97,6 +97,12 @@ class SubtaskExpert(ScriptedExpert):
             yield self._action()
 
 
+def _gripper(obs: dict) -> float | None:
+    """Gripper closure (the state's last entry), None when the observation has no state."""
+    state = obs.get("state")
+    return float(np.asarray(state).reshape(-1)[-1]) if state is not None and np.size(state) else None
+
+
 def _percentile(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 2) if values else None
 
@@ -107,13 +113,14 @@ class MemPlanner:
 
     def __init__(self, policy, env, model: HighLevelModel, use_memory: bool = True, check_every: int = 5,
                  replan_steps: int = 100, threshold: float = 0.5, low_level: str | None = None, confirm: int = 1,
-                 settle: int = 0, stall_threshold: float = 0.5):
+                 settle: int = 0, stall_threshold: float = 0.5, holding_closure: float | None = 0.25):
         if check_every < 1 or replan_steps < 1 or confirm < 1 or settle < 0:
             raise VlaStackError("check_every, replan_steps and confirm must be at least 1, settle at least 0")
         if not 0.0 <= stall_threshold <= 1.0:
             raise VlaStackError(f"stall_threshold must be a probability, got {stall_threshold}")
         self.confirm, self.settle = confirm, settle
         self.stall_threshold = stall_threshold
+        self.holding_closure = holding_closure
         self._settle_at: int | None = None
         self._positives = 0
         self.policy, self.env, self.model = policy, env, model
@@ -139,6 +146,7 @@ class MemPlanner:
     def _new_episode() -> dict:
         return {"steps": 0, "calls": 0, "checks": 0, "subtask_correct": 0, "memory_correct": 0, "invalid_memory": 0,
                 "invalid_subtask": 0, "stall_calls": 0, "false_alarms": 0, "misread_memories": 0, "missed_boundaries": 0,
+                "holding_steps": 0,
                 "subtasks": [],
                 "memories": []}
 
@@ -150,7 +158,7 @@ class MemPlanner:
 
     def select_action(self, obs: dict) -> np.ndarray:
         goal = obs.get("instruction") or (self.env.task.instruction if self.scene else "")
-        self.update(self._front(obs), goal)
+        self.update(self._front(obs), goal, _gripper(obs))
         return self.policy.select_action(obs)
 
     @property
@@ -163,7 +171,7 @@ class MemPlanner:
         one, so ask for a new one (`predict_action_chunk(obs, observe=False)`)."""
         goal = obs.get("instruction") or (self.env.task.instruction if self.scene else "")
         before = self.subtask
-        called = self.update(self._front(obs), goal)
+        called = self.update(self._front(obs), goal, _gripper(obs))
         self.policy.observe(obs)
         return called and self.subtask != before
 
@@ -172,7 +180,7 @@ class MemPlanner:
         high-level update."""
         if observe:
             goal = obs.get("instruction") or (self.env.task.instruction if self.scene else "")
-            self.update(self._front(obs), goal)
+            self.update(self._front(obs), goal, _gripper(obs))
         return self.policy.predict_action_chunk(obs, observe=observe)
 
     def set_scene(self, task: TaskInstance | None, robot: RobotSpec | None) -> None:
@@ -188,11 +196,24 @@ class MemPlanner:
         self._pending_boundary = None
         self._positives, self._settle_at = 0, None
 
-    def update(self, image: np.ndarray, goal: str) -> bool:
-        """One control step of the high level; True when it was called (subtask and memory were rewritten)."""
+    def update(self, image: np.ndarray, goal: str, gripper: float | None = None) -> bool:
+        """One control step of the high level; True when it was called (subtask and memory were rewritten).
+        `gripper` (closure in [0, 1], the last joint of the state) gates the calls: every subtask of these tasks
+        ends with the cube let go, so while the gripper is closed on something no outcome can have happened and
+        neither the completion head nor a stall re-plan may call (the head otherwise fires on a cube carried over
+        its bowl and the memory records an outcome that never happens)."""
         ep = self._episode
         step = ep["steps"]
         self._track_boundaries(step)
+        holding = (self.holding_closure is not None and gripper is not None and self._last_call is not None
+                   and float(gripper) > self.holding_closure)
+        if holding:
+            ep["holding_steps"] += 1
+            self._positives = 0
+            if step - self._last_call >= self.replan_steps:
+                self._last_call = step  # a cube carried this long is no stall: the low level is still at work
+            ep["steps"] += 1
+            return False
         call = self._last_call is None or step - self._last_call >= self.replan_steps
         stall = call and self._last_call is not None
         ep["stall_calls"] += stall
@@ -312,7 +333,8 @@ class MemPlanner:
         ep = self._episode
         self.episodes += 1
         for key in ("steps", "calls", "checks", "subtask_correct", "memory_correct", "invalid_memory",
-                    "invalid_subtask", "stall_calls", "false_alarms", "misread_memories", "missed_boundaries"):
+                    "invalid_subtask", "stall_calls", "false_alarms", "misread_memories", "missed_boundaries",
+                    "holding_steps"):
             self.totals[key] = self.totals.get(key, 0) + ep[key]
 
     def episode_metrics(self) -> dict:
@@ -320,6 +342,7 @@ class MemPlanner:
         calls = max(1, ep["calls"])
         return {
             "high_level_calls": ep["calls"], "completion_checks": ep["checks"], "stall_calls": ep["stall_calls"],
+            "holding_steps": ep["holding_steps"],
             "false_alarms": ep["false_alarms"], "misread_memories": ep["misread_memories"],
             "subtask_accuracy": round(ep["subtask_correct"] / calls, 4),
             "memory_exact_match": round(ep["memory_correct"] / calls, 4),
@@ -344,6 +367,7 @@ class MemPlanner:
             "threshold": self.threshold,
             "high_level_calls": int(t.get("calls", 0)), "completion_checks": int(t.get("checks", 0)),
             "stall_calls": int(t.get("stall_calls", 0)), "false_alarms": int(t.get("false_alarms", 0)),
+            "holding_closure": self.holding_closure, "holding_steps": int(t.get("holding_steps", 0)),
             "misread_memories": int(t.get("misread_memories", 0)),
             "steps": int(t.get("steps", 0)),
             "calls_per_episode": round(t.get("calls", 0) / max(1, self.episodes), 2),
@@ -461,17 +485,18 @@ def trigger_settings(model, threshold=None, confirm=None) -> tuple[float, int]:
 
 def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_every=5, replan_steps=100,
                 threshold=None, confirm=None, settle=0, high_level="model", stall_threshold=0.5,
-                **unknown) -> MemPlanner | OracleHighLevel:
+                holding_closure="0.25", **unknown) -> MemPlanner | OracleHighLevel:
     """The `--planner mem` entry point (see vla_stack.planners.wrap_policy). Options arrive as strings from the
     command line: memory=on|off, check_every=N, replan_steps=N, threshold=P, settle=N (steps from the head firing
     to the call), confirm=N (consecutive positive completion checks before a call); threshold and confirm default
     to the checkpoint's; stall_threshold=P, the completion probability at which a stall re-plan adds the running
-    subtask's outcome to an unchanged memory. high_level=oracle replaces the model by OracleHighLevel
+    subtask's outcome to an unchanged memory; holding_closure=C, the gripper closure above which no call is made
+    (off: no gate). high_level=oracle replaces the model by OracleHighLevel
     (evaluation only)."""
     if unknown:
         raise VlaStackError(f"unknown mem planner option(s) {sorted(unknown)} "
                             "(known: memory, check_every, replan_steps, threshold, confirm, settle, stall_threshold, "
-                            "high_level)")
+                            "holding_closure, high_level)")
     if high_level not in ("model", "oracle"):
         raise VlaStackError(f"planner option high_level must be model or oracle, got {high_level!r}")
     if high_level == "oracle":
@@ -482,6 +507,7 @@ def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_
         check_every, replan_steps, settle = int(check_every), int(replan_steps), int(settle)
         threshold = None if threshold is None else float(threshold)
         stall_threshold = float(stall_threshold)
+        holding_closure = None if str(holding_closure).lower() == "off" else float(holding_closure)
         confirm = None if confirm is None else int(confirm)
     except ValueError as exc:
         raise VlaStackError(f"bad mem planner option: {exc}") from None
@@ -494,4 +520,4 @@ def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_
         low_level = "scripted-subtask-executor (privileged object poses)"
     return MemPlanner(policy, env, model, use_memory=use_memory, check_every=check_every,
                       replan_steps=replan_steps, threshold=threshold, low_level=low_level, confirm=confirm,
-                      settle=settle, stall_threshold=stall_threshold)
+                      settle=settle, stall_threshold=stall_threshold, holding_closure=holding_closure)
