@@ -7,6 +7,8 @@ Control loop per step:
 - with `settle` > 0 a firing head schedules the call `settle` steps later and the running subtask goes on
   meanwhile: a head that fires while the cube is still being lowered then reads a finished outcome;
 - no call for `replan_steps` steps -> call anyway (a stalled or failed subtask gets re-planned);
+- while the gripper is closed (closure above `holding_closure`) no call of either kind: every sort/restore
+  subtask ends with the cube let go, so nothing can have finished yet;
 - `memory=off` (the ablation) feeds the empty memory to the model and calls it every `check_every` steps, since
   without memory there is nothing to be stale against.
 A call decodes (subtask, memory). A memory string that is not well formed for the scene is logged and reset to
