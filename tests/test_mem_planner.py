@@ -123,6 +123,74 @@ def test_paused_collection_runs_one_subtask_at_a_time(tmp_path):
         collect_mem("restore", "panda", 1, tmp_path / "bad.zarr", pause_steps=-1, progress=False)
 
 
+def test_vla_executor_collection_records_the_scenes_outcomes(tmp_path):
+    """`executor=<VLA>`: the VLA runs the handed subtasks (the high level's data on a learned low level's states);
+    every frame records the completed set by the detectors, and its samples are labelled from that set."""
+    from vla_stack.data.episode_store import EpisodeStore
+
+    path = tmp_path / "vla.zarr"
+    result = collect_mem("sort", "panda", 1, path, seed_start=5, drop_fraction=0.0, pause_steps=10,
+                         executor="vla_mem_tiny", progress=False)
+    assert result["episodes"] == 1
+    store = EpisodeStore.open(path)
+    meta = store.episode_meta(0)
+    assert meta.extra["executor"] == "vla_mem_tiny" and meta.extra["terminal_frame"]
+    arrays = store.episode_arrays(0)
+    masks, in_order = arrays["done_mask"][...], arrays["subtask_index"][...]
+    # the in-order count never exceeds the completed set; the set only holds subtasks of this scene
+    assert all(bin(int(m)).count("1") >= k and 0 <= m < 8 for m, k in zip(masks, in_order))
+    assert arrays["images.front"].shape[1:] == (128, 128, 3) and "images.wrist" not in arrays
+    memory = TaskMemory(generate("sort", PANDA, 5), PANDA)
+    for sample in build_samples([path], progress=False):
+        assert sample.memory_out in {memory.label_set(set(d)) for d in
+                                     [{i for i in range(3) if int(m) >> i & 1} for m in masks]}
+    with pytest.raises(VlaStackError, match="neither 'expert'"):
+        collect_mem("sort", "panda", 1, tmp_path / "bad.zarr", executor="no_such_policy", progress=False)
+
+
+def test_samples_follow_the_completed_set_when_cubes_are_sorted_out_of_order(tmp_path):
+    """A learned low level may sort the second cube first or knock a sorted one out: labels come from the set
+    (`done_mask`), not from an in-order count."""
+    from vla_stack.data.episode_store import EpisodeStore
+    from vla_stack.planners.mem.data import store_features
+
+    task = generate("sort", PANDA, 11)
+    names = list(PANDA.joint_names)
+    store = EpisodeStore.open_or_create(tmp_path / "set.zarr", robot="panda", fps=10,
+                                        features=store_features(32, len(names), names))
+    masks = [0] * 6 + [0b010] * 6 + [0b000] * 6 + [0b011] * 6
+    with store.begin_episode(instruction=task.instruction, subtasks=task.subtask_texts, task="sort", seed=11) as w:
+        for m in masks:
+            w.add_frame({"images.front": np.zeros((32, 32, 3), np.uint8), "state": np.zeros(len(names), np.float32),
+                         "action": np.zeros(len(names), np.float32), "subtask_index": np.int64(0),
+                         "done_mask": np.int64(m)})
+        w.commit(success=False, extra={"subtask_index": "completed"})
+    memory = TaskMemory(task, PANDA)
+    samples = build_samples([tmp_path / "set.zarr"], progress=False, boundary_frames=2, reset_samples=0)
+    boundary = {(s.memory_in, s.memory_out, s.subtask, s.valid_subtasks) for s in samples if s.kind == "boundary"}
+    texts = task.subtask_texts
+    assert boundary == {
+        (EMPTY, memory.label_set(set()), texts[0], tuple(texts)),
+        (memory.label_set(set()), memory.label_set({1}), texts[0], (texts[0], texts[2])),
+        (memory.label_set({1}), memory.label_set(set()), texts[0], tuple(texts)),  # knocked out again
+        (memory.label_set(set()), memory.label_set({0, 1}), texts[2], (texts[2],)),
+    }
+    assert memory.label_set({1}) == f"1 of 3 cubes sorted; {task.cubes[task.subtasks[1].goal.cube].color} is in " \
+                                     f"the {task.cubes[task.subtasks[1].goal.cube].color} bin"
+
+
+def test_init_from_fine_tunes_a_checkpoint_and_refuses_another_model(tmp_path, text):
+    from vla_stack.planners.mem.train import start_from_checkpoint
+
+    path = HighLevelModel(MemConfig(**TINY), text=text).save(tmp_path / "start")
+    model = start_from_checkpoint({"model": dict(TINY)}, path)
+    assert model.training and model.trainable_parameters() > 0
+    saved = load_model(path, text=text).state_for_saving()
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_for_saving().items())
+    with pytest.raises(VlaStackError, match="differs from the checkpoint in width"):
+        start_from_checkpoint({"model": {**TINY, "width": 48}}, path)
+
+
 def test_training_samples_from_a_perturbed_store(perturbed_store):
     samples = build_samples([perturbed_store], progress=False)
     task = generate("restore", PANDA, 3)

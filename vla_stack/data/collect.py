@@ -60,13 +60,15 @@ class SubtaskHandOff:
     after the previous one finished (the high level's detection delay). Meanwhile the finished subtask is still
     the instruction, and the executor lets go, backs away and parks: what a low level should do then, instead
     of the flat expert's "go straight on to the next cube", which it cannot know from its instruction. Frames
-    record the handed subtask's index, so each frame's instruction is the one the low level had."""
+    record the handed subtask's index, so each frame's instruction is the one the low level had. `executor` is
+    any policy with an `instruction` (a VLA runner records the planner's high-level data on the VLA's own
+    states, `vla-stack mem collect --executor`); default the subtask executor."""
 
-    def __init__(self, env: TabletopEnv, pause_steps: int):
+    def __init__(self, env: TabletopEnv, pause_steps: int, executor=None):
         from vla_stack.planners.mem.policy import SubtaskExpert
 
         self.env, self.pause_steps = env, pause_steps
-        self.expert = SubtaskExpert(env)
+        self.expert = executor if executor is not None else SubtaskExpert(env)
 
     def reset(self, seed: int) -> None:
         self.expert.reset(seed=seed)
@@ -83,7 +85,10 @@ class SubtaskHandOff:
                 self.due = env.steps + (int(self.rng.integers(0, self.pause_steps + 1)) if self.handed >= 0 else 0)
             if env.steps >= self.due:
                 self.handed, self.due = env.subtask_index, None
-                self.expert.instruction = subtasks[self.handed].text if self.handed < len(subtasks) else DONE
+                if self.handed < len(subtasks):
+                    self.expert.instruction = subtasks[self.handed].text
+                elif getattr(self.expert, "accepts_done", False):
+                    self.expert.instruction = DONE
         return min(max(self.handed, 0), len(subtasks) - 1)
 
 

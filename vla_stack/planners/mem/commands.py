@@ -24,9 +24,12 @@ def collect_command(
     pause_steps: int = typer.Option(0, help="Run one subtask at a time as the planner does (subtask executor, "
                                             "arm parked after each) with random pauses of up to N steps between "
                                             "them; 0 = the flat expert."),
+    executor: str = typer.Option("expert", help="Who runs the subtasks: 'expert' (scripted) or a VLA checkpoint "
+                                                "(e.g. vla_mem_tiny), handed one subtask at a time as the planner "
+                                                "does: high-level data on the learned low level's own states."),
 ) -> None:
-    """Scripted-expert episodes for the high level (front camera, completed-subtask counts, terminal frame,
-    injected failed grasps)."""
+    """Episodes for the high level (front camera, completed subtasks per frame, terminal frame, injected failed
+    grasps), run by the scripted expert or by a VLA."""
     from vla_stack.errors import VlaStackError
     from vla_stack.evaluation import HELDOUT_SEED_START
     from vla_stack.planners.mem.data import collect_mem
@@ -37,7 +40,8 @@ def collect_command(
     if seed_start + episodes > HELDOUT_SEED_START:
         raise VlaStackError(f"training seeds must stay below {HELDOUT_SEED_START} (held out for evaluation)")
     print(json.dumps(collect_mem(task, robot, episodes, store, seed_start=seed_start, image_size=image_size,
-                                 drop_fraction=drop_fraction, pause_steps=pause_steps), indent=2))
+                                 drop_fraction=drop_fraction, pause_steps=pause_steps, executor=executor),
+                     indent=2))
 
 
 @mem_app.command("train")

@@ -95,14 +95,27 @@ def store_features(image_size: int, n_joints: int, names: list[str]) -> dict:
         "state": {"dtype": "float32", "shape": [n_joints], "names": names},
         "action": {"dtype": "float32", "shape": [n_joints], "names": names},
         "subtask_index": {"dtype": "int64", "shape": [], "names": None},
+        "done_mask": {"dtype": "int64", "shape": [], "names": None},
     }
 
 
+def _done_mask(env: TabletopEnv) -> np.int64:
+    return np.int64(sum(1 << i for i in env.completed_subtasks()))
+
+
 def collect_mem(task: str, robot: str, episodes: int, store_path: Path, seed_start: int = 0, image_size: int = 128,
-                drop_fraction: float = 0.4, pause_steps: int = 0, progress: bool = True) -> dict:
-    """Record `episodes` expert episodes (successes and failures, perturbed or not) for high-level training.
-    `subtask_index` here counts completed subtasks (it reaches n on the terminal frame)."""
+                drop_fraction: float = 0.4, pause_steps: int = 0, executor: str = "expert",
+                progress: bool = True) -> dict:
+    """Record `episodes` episodes (successes and failures, perturbed or not) for high-level training.
+    `subtask_index` here counts completed subtasks in order (it reaches n on the terminal frame) and `done_mask`
+    holds the completed set by the scene's detectors (sort cubes may be sorted out of order). `executor` is
+    "expert" (the flat scripted expert, or with `pause_steps` the subtask executor) or a VLA checkpoint: the VLA
+    runs the subtasks handed over as the planner would (`SubtaskHandOff`, pauses of up to `pause_steps`), so the
+    high level learns the states a learned low level produces: cubes carried over a bowl, missed grasps, placed
+    cubes nudged, arms that never park."""
+    from vla_stack.data.collect import SubtaskHandOff
     from vla_stack.policy.scripted import ScriptedExpert
+    from vla_stack.sim.tabletop import CAMERAS
 
     if episodes < 1:
         raise VlaStackError("episodes must be at least 1")
@@ -110,7 +123,8 @@ def collect_mem(task: str, robot: str, episodes: int, store_path: Path, seed_sta
         raise VlaStackError(f"drop_fraction must be in [0, 1], got {drop_fraction}")
     if pause_steps < 0:
         raise VlaStackError(f"pause_steps must be at least 0, got {pause_steps}")
-    env = TabletopEnv(task, robot, image_size=image_size, cameras=(CAMERA,))
+    learned = executor != "expert"
+    env = TabletopEnv(task, robot, image_size=image_size, cameras=CAMERAS if learned else (CAMERA,))
     rng = np.random.default_rng(seed_start)
     counts = {"episodes": 0, "successes": 0, "perturbed": 0, "drops_happened": 0}
     try:
@@ -119,37 +133,32 @@ def collect_mem(task: str, robot: str, episodes: int, store_path: Path, seed_sta
                                             features=store_features(image_size, len(names), names))
         used = [m.seed for i in store.episode_indices() if (m := store.episode_meta(i)).seed is not None]
         seed = max(seed_start, max(used, default=seed_start - 1) + 1)
-        if pause_steps:
-            from vla_stack.planners.mem.policy import SubtaskExpert
+        if learned:
+            from vla_stack.evaluation import load_policy
 
-            expert = SubtaskExpert(env)
+            handoff = SubtaskHandOff(env, pause_steps, executor=load_policy(executor, env))
         else:
-            expert = ScriptedExpert(env)
+            handoff = SubtaskHandOff(env, pause_steps) if pause_steps else None
+        expert = handoff.expert if handoff else ScriptedExpert(env)
         for _ in tqdm(range(episodes), desc=f"collect-mem {task}/{robot}", disable=not progress, unit="ep"):
             obs, info = env.reset(seed=seed)
-            expert.reset(seed=seed)
+            (handoff or expert).reset(seed=seed)
             inject = None
             if rng.random() < drop_fraction:
                 inject = DropInjector(env, int(rng.integers(len(env.task.subtasks))), int(rng.integers(2, 10)))
             with store.begin_episode(instruction=env.instruction, subtasks=info["subtasks"], task=task,
                                      seed=seed) as writer:
                 done, action = False, None
-                handed, due = -1, None  # the subtask handed to the executor; the step the next one is due
                 while True:
                     if not done:
-                        if pause_steps and env.subtask_index != handed:
-                            if due is None:
-                                due = env.steps + (int(rng.integers(0, pause_steps + 1)) if handed >= 0 else 0)
-                            if env.steps >= due:
-                                handed, due = env.subtask_index, None
-                                expert.instruction = (env.task.subtasks[handed].text
-                                                      if handed < len(env.task.subtasks) else DONE)
+                        if handoff:
+                            handoff.subtask_index()
                         action = expert.select_action(obs)
                         if inject is not None:
                             action = inject(action)
                     writer.add_frame({f"images.{CAMERA}": obs["images"][CAMERA], "state": obs["state"],
                                       "action": np.asarray(action, np.float32),
-                                      "subtask_index": np.int64(env.subtask_index)})
+                                      "subtask_index": np.int64(env.subtask_index), "done_mask": _done_mask(env)})
                     if done:  # the terminal observation was just stored (its action repeats the last one)
                         break
                     obs, _, terminated, truncated, info = env.step(action)
@@ -160,7 +169,8 @@ def collect_mem(task: str, robot: str, episodes: int, store_path: Path, seed_sta
                     "perturbation": None if inject is None else "drop",
                     "perturbed_subtask": None if inject is None else inject.subtask,
                     "drop_step": None if inject is None else inject.drop_step,
-                    "executor": "subtask" if pause_steps else "flat", "pause_steps": pause_steps})
+                    "executor": executor if learned else ("subtask" if pause_steps else "flat"),
+                    "pause_steps": pause_steps})
             counts["episodes"] += 1
             counts["successes"] += success
             counts["perturbed"] += inject is not None
@@ -172,14 +182,16 @@ def collect_mem(task: str, robot: str, episodes: int, store_path: Path, seed_sta
 
 
 # ------------------------------------------------------------------------------------------- samples
-def _completed(store: EpisodeStore, index: int, subtask_index: np.ndarray, n: int) -> np.ndarray:
-    """Completed subtasks per frame. Stores from `collect_mem` record that directly; `vla-stack collect` stores
-    record the current subtask index clamped to n-1 and no terminal frame, which is the same count there."""
-    meta = store.episode_meta(index)
-    counts = np.asarray(subtask_index, dtype=np.int64)
-    if meta.extra.get("subtask_index") != "completed":
+def _completed(store: EpisodeStore, index: int, arrays, n: int) -> list[frozenset[int]]:
+    """Completed subtasks per frame. Stores from `collect_mem` record the set (`done_mask`) or, earlier, the
+    in-order count; `vla-stack collect` stores record the current subtask index clamped to n-1 and no terminal
+    frame, which is the same count there."""
+    if "done_mask" in arrays:
+        return [frozenset(i for i in range(n) if int(m) >> i & 1) for m in arrays["done_mask"][...]]
+    counts = np.asarray(arrays["subtask_index"][...], dtype=np.int64)
+    if store.episode_meta(index).extra.get("subtask_index") != "completed":
         counts = np.minimum(counts, n - 1)
-    return counts
+    return [frozenset(range(int(k))) for k in counts]
 
 
 LATE_WINDOW, LATE_GAP = 16, 2  # hard negatives: frames [completion - 16, completion - 2)
@@ -201,44 +213,47 @@ def episode_samples(store: EpisodeStore, index: int, rng: np.random.Generator, b
     if f"images.{CAMERA}" not in arrays or "subtask_index" not in arrays:
         raise VlaStackError(f"{store.path} lacks images.{CAMERA} or subtask_index")
     mem = TaskMemory(task, robot)
-    done = _completed(store, index, arrays["subtask_index"][...], mem.n)
+    done = _completed(store, index, arrays, mem.n)
     images = arrays[f"images.{CAMERA}"]
     goal = meta.instruction
     samples: list[Sample] = []
 
     drop_step = meta.extra.get("drop_step")
+    label = lambda d: mem.label_set(set(d))
+    next_subtask = lambda d: mem.valid_next(set(d))[0]
 
-    def add(t: int, memory_in: str, k: int, stale: bool, kind: str, running: str) -> None:
-        samples.append(Sample(np.asarray(images[t]), goal, memory_in, mem.subtask(k), mem.label(k), stale, index, kind,
+    def add(t: int, memory_in: str, d: frozenset[int], stale: bool, kind: str, running: str) -> None:
+        samples.append(Sample(np.asarray(images[t]), goal, memory_in, next_subtask(d), label(d), stale, index, kind,
                               after_failure=drop_step is not None and t >= drop_step,
-                              valid_subtasks=tuple(mem.valid_next(set(range(k)))), family=task.family,
+                              valid_subtasks=tuple(mem.valid_next(set(d))), family=task.family,
                               running=running))
 
-    starts = [0] + [t for t in range(1, len(done)) if done[t] > done[t - 1]]
+    starts = [0] + [t for t in range(1, len(done)) if done[t] != done[t - 1]]
     for start in starts:
-        k = int(done[start])
-        stop = next((t for t in range(start + 1, len(done)) if done[t] != k), len(done))
-        previous = EMPTY if start == 0 else mem.label(int(done[start - 1]))
-        finished = "" if start == 0 else mem.subtask(int(done[start - 1]))  # what ran until this boundary
+        d = done[start]
+        stop = next((t for t in range(start + 1, len(done)) if done[t] != d), len(done))
+        previous = EMPTY if start == 0 else label(done[start - 1])
+        finished = sorted(d - done[start - 1]) if start else []  # what ran until this boundary
+        finished = mem.subtask(finished[0]) if len(finished) == 1 else ""
         for t in range(start, min(stop, start + boundary_frames)):
-            add(t, previous, k, True, "boundary", finished)
+            add(t, previous, d, True, "boundary", finished)
         later = np.arange(start + boundary_frames, stop)
         if start > 0 and stale_per_subtask and len(later):
             for t in rng.choice(later, size=min(stale_per_subtask, len(later)), replace=False):
-                add(int(t), previous, k, True, "stale", finished)
+                add(int(t), previous, d, True, "stale", finished)
         if start > 0:
             for t in range(start, min(stop, start + post_call_frames)):
-                add(t, mem.label(k), k, False, "post_call", mem.subtask(k))
+                add(t, label(d), d, False, "post_call", next_subtask(d))
         if stop - start > 1:
             for t in rng.choice(np.arange(start, stop), size=min(steady_per_subtask, stop - start), replace=False):
-                add(int(t), mem.label(k), k, False, "steady", mem.subtask(k))
+                add(int(t), label(d), d, False, "steady", next_subtask(d))
         late = np.arange(max(start + 1, stop - LATE_WINDOW), stop - LATE_GAP)
         if steady_before_boundary and stop < len(done) and len(late):
             for t in rng.choice(late, size=min(steady_before_boundary, len(late)), replace=False):
-                add(int(t), mem.label(k), k, False, "late", mem.subtask(k))
+                add(int(t), label(d), d, False, "late", next_subtask(d))
     if task.family == "sort":
         for t in rng.choice(len(done), size=min(reset_samples, len(done)), replace=False):
-            add(int(t), EMPTY, int(done[t]), True, "reset", "")
+            add(int(t), EMPTY, done[t], True, "reset", "")
     return samples
 
 

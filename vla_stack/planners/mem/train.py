@@ -6,7 +6,9 @@ YAML config (policies/mem_tiny.yaml):
     data:  {train: [stores], heldout: [stores], boundary_frames, steady_per_subtask, reset_samples,
             steady_before_boundary, post_call_frames, stale_per_subtask, running_subtask}
     train: {output_dir, export_dir, steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, image_shift,
-            use_memory, seed, max_minutes, eval_every}
+            use_memory, seed, max_minutes, eval_every, init_from}
+    init_from: fine-tune from this checkpoint (relative to the working directory, like export_dir); its model
+             configuration must equal the model: section.
     trigger: {threshold, confirm}   (optional) the completion head's firing threshold and debounce stored with
              the checkpoint, the planner's defaults (calibrated closed loop on validation seeds)
 `use_memory: false` trains the no-memory ablation: every sample is fed the empty memory.
@@ -33,11 +35,11 @@ from vla_stack.paths import resolve_data_path
 from vla_stack.planners.mem.data import Sample, build_samples
 from vla_stack.planners.mem.memory import EMPTY, canonical, model_context
 from vla_stack.planners.mem.hf_model import HFMemConfig
-from vla_stack.planners.mem.model import HighLevelModel, MemConfig, build_model, prepare_images
+from vla_stack.planners.mem.model import HighLevelModel, MemConfig, build_model, load_model, prepare_images
 
 TRAIN_DEFAULTS = {"output_dir": None, "export_dir": None, "steps": 3000, "batch_size": 64, "lr": 1e-3,
                   "warmup_steps": 100, "weight_decay": 1e-4, "grad_clip": 1.0, "image_shift": 4, "use_memory": True,
-                  "seed": 0, "max_minutes": 30.0, "eval_every": 0, "completion_weight": 0.5}
+                  "seed": 0, "max_minutes": 30.0, "eval_every": 0, "completion_weight": 0.5, "init_from": None}
 DATA_DEFAULTS = {"train": [], "heldout": [], "heldout_last": 0, "boundary_frames": 4, "steady_per_subtask": 4,
                  "reset_samples": 2, "steady_before_boundary": 0, "post_call_frames": 0,
                  "stale_per_subtask": 0, "max_episodes": None, "running_subtask": False}
@@ -138,7 +140,7 @@ def train(config_path: Path, progress: bool = True) -> dict:
     torch.manual_seed(tcfg["seed"])
     rng = np.random.default_rng(tcfg["seed"])
     output_dir = resolve_data_path(tcfg["output_dir"] or Path("mem/runs") / Path(config_path).stem)
-    model = build_model(config["model"])
+    model = build_model(config["model"]) if not tcfg["init_from"] else start_from_checkpoint(config, tcfg["init_from"])
     sample_kwargs = {k: dcfg[k] for k in ("boundary_frames", "steady_per_subtask", "reset_samples",
                                           "steady_before_boundary", "post_call_frames", "stale_per_subtask")}
     train_stores = [resolve_data_path(p) for p in dcfg["train"]]
@@ -169,6 +171,22 @@ def train(config_path: Path, progress: bool = True) -> dict:
         model.save(Path(tcfg["export_dir"]), extra=extra)
     result["output_dir"] = str(output_dir)
     return result
+
+
+def start_from_checkpoint(config: dict, path: str | Path) -> HighLevelModel:
+    """The checkpoint's weights under the config's model; a differing model section is an error, not a silent
+    partial load."""
+    from dataclasses import asdict
+
+    model = load_model(Path(path))
+    config_class = HFMemConfig if config["model"].get("backbone") == "hf" else MemConfig
+    ours, theirs = asdict(config_class.from_dict(dict(config["model"]))), asdict(model.config)
+    derived = {"vocab"}  # filled from the grammar when a model is built
+    differ = sorted(k for k in set(ours) | set(theirs) if k not in derived and ours.get(k) != theirs.get(k))
+    if differ:
+        raise VlaStackError(f"init_from {path}: the model: section differs from the checkpoint in "
+                            f"{', '.join(f'{k} ({ours.get(k)!r} vs {theirs.get(k)!r})' for k in differ)}")
+    return model.float().train()
 
 
 def fit(model: HighLevelModel, data: SampleSet, tcfg: dict, rng: np.random.Generator,
