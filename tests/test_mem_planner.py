@@ -503,6 +503,28 @@ def test_stall_replan_lets_the_completion_head_settle_a_stuck_or_misread_memory(
     assert planner.episode_metrics()["misread_memories"] == 1
 
 
+def test_false_alarms_do_not_hold_off_the_stall_replan(text):
+    """The head keeps firing at a cube that is in its bin and the decoder keeps missing it (closed loop over the
+    VLA: the running subtask never ended). False alarms do not restart the stall clock, so `replan_steps` after
+    the last accepted call the stall rule settles it and the next subtask is taken."""
+    model = ScriptedOutputs(MemConfig(**TINY), text=text)
+    planner = MemPlanner(None, None, model, check_every=1, replan_steps=4, threshold=0.8)
+    task = generate("sort", PANDA, 1)
+    memory = TaskMemory(task, PANDA)
+    first, second, _ = task.subtask_texts
+    planner.set_scene(task, PANDA)
+    image = np.zeros((64, 64, 3), np.uint8)
+    model.set_outputs(first, memory.label(0))
+    assert planner.update(image, task.instruction)
+    model.set_outputs(second, memory.label(0), completion=0.9)
+    for _ in range(3):  # confirm=1: every check fires, every call is a false alarm
+        assert planner.update(image, task.instruction) and planner.subtask == first
+    assert planner.episode_metrics()["false_alarms"] == 3
+    assert planner.update(image, task.instruction)  # step 4: the stall re-plan
+    assert (planner.memory, planner.subtask) == (memory.label(1), second)
+    assert planner.episode_metrics()["stall_calls"] == 1
+
+
 def test_make_policy_options_and_subtask_executor(tmp_path, text):
     env = TabletopEnv("restore", "panda", cameras=())
     try:

@@ -6,7 +6,8 @@ Control loop per step:
 - every `check_every` steps -> completion head only (encoder, no decoding): "the memory is stale" -> call;
 - with `settle` > 0 a firing head schedules the call `settle` steps later and the running subtask goes on
   meanwhile: a head that fires while the cube is still being lowered then reads a finished outcome;
-- no call for `replan_steps` steps -> call anyway (a stalled or failed subtask gets re-planned);
+- no accepted call for `replan_steps` steps (false alarms do not count) -> call anyway (a stalled or failed
+  subtask gets re-planned);
 - while the gripper is closed (closure above `holding_closure`) no call of either kind: every sort/restore
   subtask ends with the cube let go, so nothing can have finished yet;
 - `memory=off` (the ablation) feeds the empty memory to the model and calls it every `check_every` steps, since
@@ -264,7 +265,7 @@ class MemPlanner:
                                                                 if self.running_input else memory])[0][0]
         self.call_ms.append((time.perf_counter() - start) * 1000)
         ep["calls"] += 1
-        self._last_call = step
+        last_call, self._last_call = self._last_call, step
         if self._pending_boundary is not None:
             self.boundary_delays.append(step - self._pending_boundary)
             self._pending_boundary = None
@@ -276,6 +277,9 @@ class MemPlanner:
                 and (canonical(memory) == canonical(previous) or records_outcome(memory, self.subtask) is False)):
             # a false alarm: no new outcome, or one that is not the running subtask's (a misread image)
             ep["false_alarms"] += 1
+            # It does not restart the stall clock either: a head that keeps firing at an outcome the decoder
+            # keeps missing would otherwise hold the stall rule off for the rest of the episode.
+            self._last_call = last_call
             ep["memories"].append(self.memory)
             ep["subtasks"].append(self.subtask)
             return
