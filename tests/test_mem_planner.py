@@ -1,6 +1,7 @@
 """The MEM planner's high level: memory labels and their validation, memory through an injected failed grasp,
 training samples from an episode store, a tiny model that learns, decoding, checkpoints, and the planner loop."""
 
+import json
 import logging
 from pathlib import Path
 
@@ -523,6 +524,11 @@ def test_false_alarms_do_not_hold_off_the_stall_replan(text):
     assert planner.update(image, task.instruction)  # step 4: the stall re-plan
     assert (planner.memory, planner.subtask) == (memory.label(1), second)
     assert planner.episode_metrics()["stall_calls"] == 1
+    trace = planner.episode_metrics()["calls"]
+    assert [(c["step"], c["stall"], c["false_alarm"]) for c in trace] == \
+        [(0, False, False), (1, False, True), (2, False, True), (3, False, True), (4, True, False)]
+    assert trace[1]["decoded"] == [second, memory.label(0)] and trace[1]["subtask"] == first
+    assert trace[4]["memory_in"] == memory.label(0) and trace[4]["completed"] is None  # no scene attached
 
 
 def test_make_policy_options_and_subtask_executor(tmp_path, text):
@@ -605,6 +611,11 @@ def test_shipped_checkpoint_plans_sort_with_the_subtask_executor():
         assert all(s in env.task.subtask_texts or s == "done" for s in metrics["subtasks"])
         assert 1 <= metrics["high_level_calls"] <= env.steps // planner.check_every + 1
         assert metrics["completion_checks"] >= 1
+        trace = metrics["calls"]  # one record per call, the scene's completed set beside what was written
+        assert len(trace) == metrics["high_level_calls"] and trace[0]["step"] == 0 and trace[0]["memory_in"] == EMPTY
+        assert [c["step"] for c in trace] == sorted(c["step"] for c in trace)
+        assert all(set(c["completed"]) <= set(range(len(env.task.subtasks))) for c in trace)
+        assert json.loads(json.dumps(trace)) == trace  # goes into the evaluation JSON as it is
     finally:
         env.close()
 

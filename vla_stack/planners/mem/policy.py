@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ from vla_stack.sim.robots import RobotSpec
 from vla_stack.sim.tasks import TaskInstance
 
 log = logging.getLogger("vla_stack.planners.mem")
+TRACE_CALLS = 1000  # per-call records kept per episode (a node left running on a real arm must not grow)
 
 
 class SubtaskExpert(ScriptedExpert):
@@ -149,9 +151,7 @@ class MemPlanner:
     def _new_episode() -> dict:
         return {"steps": 0, "calls": 0, "checks": 0, "subtask_correct": 0, "memory_correct": 0, "invalid_memory": 0,
                 "invalid_subtask": 0, "stall_calls": 0, "false_alarms": 0, "misread_memories": 0, "missed_boundaries": 0,
-                "holding_steps": 0,
-                "subtasks": [],
-                "memories": []}
+                "holding_steps": 0, "trace": deque(maxlen=TRACE_CALLS)}
 
     # -- policy interface ---------------------------------------------------------------------------------
     def reset(self, seed: int | None = None) -> None:
@@ -269,10 +269,14 @@ class MemPlanner:
         if self._pending_boundary is not None:
             self.boundary_delays.append(step - self._pending_boundary)
             self._pending_boundary = None
+        done = None
         if self.scene is not None and self.env is not None:  # privileged scoring against the scene's detectors
             done = self._true_done()
             ep["subtask_correct"] += raw_subtask in self.scene.valid_next(done)  # the decoder's own outputs
             ep["memory_correct"] += canonical(raw_memory) == canonical(self.scene.label_set(done))
+        trace = {"step": step, "stall": stall, "false_alarm": False, "memory_in": previous,
+                 "decoded": [raw_subtask, raw_memory], "completed": None if done is None else sorted(done)}
+        ep["trace"].append(trace)
         if (self.use_memory and not stall and previous != EMPTY and self.subtask not in (None, DONE)
                 and (canonical(memory) == canonical(previous) or records_outcome(memory, self.subtask) is False)):
             # a false alarm: no new outcome, or one that is not the running subtask's (a misread image)
@@ -280,8 +284,7 @@ class MemPlanner:
             # It does not restart the stall clock either: a head that keeps firing at an outcome the decoder
             # keeps missing would otherwise hold the stall rule off for the rest of the episode.
             self._last_call = last_call
-            ep["memories"].append(self.memory)
-            ep["subtasks"].append(self.subtask)
+            trace.update(false_alarm=True, memory=self.memory, subtask=self.subtask)
             return
         self.set_memory(memory)
         try:
@@ -291,8 +294,7 @@ class MemPlanner:
             self.warn(f"high level wrote an invalid subtask, keeping the previous one: {exc}")
             subtask = self.subtask or goal
         self.subtask = subtask
-        ep["subtasks"].append(subtask)
-        ep["memories"].append(self.memory)
+        trace.update(memory=self.memory, subtask=subtask)
         if self.policy is not None and (subtask != DONE or getattr(self.policy, "accepts_done", False)):
             self.policy.instruction = subtask
 
@@ -344,6 +346,10 @@ class MemPlanner:
             self.totals[key] = self.totals.get(key, 0) + ep[key]
 
     def episode_metrics(self) -> dict:
+        """This episode's counts, and `calls`: one record per high-level call (step; stall re-plan or not; false
+        alarm or not; memory in; what the decoder wrote; memory and subtask after the planner's rules; the scene's
+        completed subtasks by its detectors when an environment is attached, else None), the per-call trace that
+        finds where a failed episode went wrong; the last TRACE_CALLS calls."""
         ep = self._episode
         calls = max(1, ep["calls"])
         return {
@@ -353,7 +359,8 @@ class MemPlanner:
             "subtask_accuracy": round(ep["subtask_correct"] / calls, 4),
             "memory_exact_match": round(ep["memory_correct"] / calls, 4),
             "invalid_memory": ep["invalid_memory"], "invalid_subtask": ep["invalid_subtask"],
-            "final_memory": self.memory, "subtasks": ep["subtasks"],
+            "final_memory": self.memory, "subtasks": [call["subtask"] for call in ep["trace"]],
+            "calls": list(ep["trace"]),
         }
 
     def latency_p50(self) -> float | None:
