@@ -362,6 +362,16 @@ class ScriptedOutputs(HighLevelModel):
         return torch.tensor([self.p])
 
 
+def scripted_sort_planner(text, **planner_options):
+    """A planner over ScriptedOutputs on sort scene 1 (no environment): model, planner, task, its memory labels,
+    a blank front image."""
+    model = ScriptedOutputs(MemConfig(**TINY), text=text)
+    planner = MemPlanner(None, None, model, **planner_options)
+    task = generate("sort", PANDA, 1)
+    planner.set_scene(task, PANDA)
+    return model, planner, task, TaskMemory(task, PANDA), np.zeros((64, 64, 3), np.uint8)
+
+
 def test_planner_feeds_the_running_subtask_when_the_checkpoint_was_trained_so(text):
     from vla_stack.planners.mem.memory import model_context
 
@@ -383,13 +393,8 @@ def test_planner_feeds_the_running_subtask_when_the_checkpoint_was_trained_so(te
 def test_false_alarm_keeps_the_running_subtask(text):
     """A completion-triggered call that brings no new outcome (memory unchanged) must not switch a sort
     subtask to another unsorted cube; an updated memory or a stall re-plan may switch it."""
-    model = ScriptedOutputs(MemConfig(**TINY), text=text)
-    planner = MemPlanner(None, None, model, check_every=1, replan_steps=6)
-    task = generate("sort", PANDA, 1)
-    memory = TaskMemory(task, PANDA)
+    model, planner, task, memory, image = scripted_sort_planner(text, check_every=1, replan_steps=6)
     first, second = task.subtasks[0].text, task.subtasks[1].text
-    planner.set_scene(task, PANDA)
-    image = np.zeros((64, 64, 3), np.uint8)
     model.set_outputs(first, memory.label(0))
     assert planner.update(image, task.instruction) and planner.subtask == first
     model.set_outputs(second, memory.label(0))  # head fires, but nothing changed
@@ -463,13 +468,8 @@ def test_records_outcome_reads_the_running_subtask_off_any_memory():
 def test_completion_call_that_misreads_another_cube_is_a_false_alarm(text):
     """The head fires while the orange cube is carried and the decoder writes "red is in the red bin" (a misread
     image): the running subtask and the memory stay; a memory that records the running cube is taken."""
-    model = ScriptedOutputs(MemConfig(**TINY), text=text)
-    planner = MemPlanner(None, None, model, check_every=1)
-    task = generate("sort", PANDA, 1)
-    memory = TaskMemory(task, PANDA)
+    model, planner, task, memory, image = scripted_sort_planner(text, check_every=1)
     first, second, third = task.subtask_texts
-    planner.set_scene(task, PANDA)
-    image = np.zeros((64, 64, 3), np.uint8)
     model.set_outputs(first, memory.label(0))
     assert planner.update(image, task.instruction)
     other = memory.label_set({1})  # the second cube sorted, not the running first one
@@ -485,13 +485,8 @@ def test_completion_call_that_misreads_another_cube_is_a_false_alarm(text):
 def test_stall_replan_lets_the_completion_head_settle_a_stuck_or_misread_memory(text):
     """A stall re-plan whose decoder keeps the memory (it cannot see the yellow cube in the yellow bin) or names
     another cube: the head on the kept memory decides; above 0.5 the running subtask's outcome is added."""
-    model = ScriptedOutputs(MemConfig(**TINY), text=text)
-    planner = MemPlanner(None, None, model, check_every=1, replan_steps=3, threshold=0.8)
-    task = generate("sort", PANDA, 1)
-    memory = TaskMemory(task, PANDA)
+    model, planner, task, memory, image = scripted_sort_planner(text, check_every=1, replan_steps=3, threshold=0.8)
     first, second, third = task.subtask_texts
-    planner.set_scene(task, PANDA)
-    image = np.zeros((64, 64, 3), np.uint8)
     model.set_outputs(first, memory.label(0), completion=0.0)
     assert planner.update(image, task.instruction)
     model.set_outputs(second, memory.label(0), completion=0.6)  # below the trigger: only stalls call
@@ -508,13 +503,8 @@ def test_false_alarms_do_not_hold_off_the_stall_replan(text):
     """The head keeps firing at a cube that is in its bin and the decoder keeps missing it (closed loop over the
     VLA: the running subtask never ended). False alarms do not restart the stall clock, so `replan_steps` after
     the last accepted call the stall rule settles it and the next subtask is taken."""
-    model = ScriptedOutputs(MemConfig(**TINY), text=text)
-    planner = MemPlanner(None, None, model, check_every=1, replan_steps=4, threshold=0.8)
-    task = generate("sort", PANDA, 1)
-    memory = TaskMemory(task, PANDA)
+    model, planner, task, memory, image = scripted_sort_planner(text, check_every=1, replan_steps=4, threshold=0.8)
     first, second, _ = task.subtask_texts
-    planner.set_scene(task, PANDA)
-    image = np.zeros((64, 64, 3), np.uint8)
     model.set_outputs(first, memory.label(0))
     assert planner.update(image, task.instruction)
     model.set_outputs(second, memory.label(0), completion=0.9)
