@@ -364,7 +364,8 @@ class ScriptedOutputs(HighLevelModel):
 
 def scripted_sort_planner(text, **planner_options):
     """A planner over ScriptedOutputs on sort scene 1 (no environment): model, planner, task, its memory labels,
-    a blank front image."""
+    a blank front image. The head is consulted from the first step on unless the test sets min_subtask_steps."""
+    planner_options.setdefault("min_subtask_steps", 0)
     model = ScriptedOutputs(MemConfig(**TINY), text=text)
     planner = MemPlanner(None, None, model, **planner_options)
     task = generate("sort", PANDA, 1)
@@ -381,7 +382,7 @@ def test_planner_feeds_the_running_subtask_when_the_checkpoint_was_trained_so(te
     for trained_so in (False, True):
         model = ScriptedOutputs(MemConfig(**TINY), text=text)
         model.checkpoint_meta = {"running_subtask_input": trained_so}
-        planner = MemPlanner(None, None, model, check_every=1)
+        planner = MemPlanner(None, None, model, check_every=1, min_subtask_steps=0)
         planner.set_scene(task, PANDA)
         model.set_outputs(first, memory.label(0), completion=0.0)
         planner.update(image, task.instruction)  # the first call: empty memory, nothing running
@@ -425,7 +426,7 @@ def test_chunk_mode_asks_for_a_new_chunk_only_when_the_subtask_changes(text):
 
     model = ScriptedOutputs(MemConfig(**TINY), text=text)
     low = LowLevel()
-    planner = MemPlanner(low, None, model, check_every=1)
+    planner = MemPlanner(low, None, model, check_every=1, min_subtask_steps=0)
     task = generate("sort", PANDA, 1)
     memory = TaskMemory(task, PANDA)
     first, second = task.subtasks[0].text, task.subtasks[1].text
@@ -519,6 +520,32 @@ def test_false_alarms_do_not_hold_off_the_stall_replan(text):
         [(0, False, False), (1, False, True), (2, False, True), (3, False, True), (4, True, False)]
     assert trace[1]["decoded"] == [second, memory.label(0)] and trace[1]["subtask"] == first
     assert trace[4]["memory_in"] == memory.label(0) and trace[4]["completed"] is None  # no scene attached
+
+
+def test_no_completion_call_sooner_than_the_shortest_subtask(text):
+    """Right after a call the arm still hangs over the cube it let go of, and the head reads that as the new
+    subtask done: the head is not consulted until `min_subtask_steps` after the last accepted call. Carrying (the
+    holding gate winds the stall clock on) and false alarms do not restart that wait."""
+    model, planner, task, memory, image = scripted_sort_planner(text, check_every=1, replan_steps=12,
+                                                                min_subtask_steps=10)
+    first, second, third = task.subtask_texts
+    model.set_outputs(first, memory.label(0))
+    assert planner.update(image, task.instruction, gripper=0.0)  # step 0
+    model.set_outputs(second, memory.label(1))  # the head fires at every check; the decoder claims the cube
+    for _ in range(9):  # steps 1-9: too soon for a pick and place
+        assert not planner.update(image, task.instruction, gripper=0.0)
+    assert planner.episode_metrics()["completion_checks"] == 0 and planner.subtask == first
+    assert planner.update(image, task.instruction, gripper=0.0) and planner.subtask == second  # step 10
+    for _ in range(12):  # steps 11-22: carried (at 22 the gate winds the stall clock on)
+        assert not planner.update(image, task.instruction, gripper=0.6)
+    model.set_outputs(third, memory.label(1))  # no new outcome: a false alarm
+    assert planner.update(image, task.instruction, gripper=0.0)  # step 23: let go, checked at once
+    assert planner.update(image, task.instruction, gripper=0.0)  # step 24: the false alarm did not restart it
+    assert [(c["step"], c["false_alarm"]) for c in planner.episode_metrics()["calls"]] == \
+        [(0, False), (10, False), (23, True), (24, True)]
+    assert planner.subtask == second and planner.summary()["min_subtask_steps"] == 10
+    with pytest.raises(VlaStackError, match="min_subtask_steps"):
+        MemPlanner(None, None, model, min_subtask_steps=-1)
 
 
 def test_make_policy_options_and_subtask_executor(tmp_path, text):
@@ -656,7 +683,8 @@ def test_no_call_while_the_gripper_holds_a_cube(text):
     """Every sort/restore subtask ends with the cube let go: while the gripper is closed the completion head is
     not consulted and a stall re-plan waits, so a cube carried over its bowl is never recorded as placed."""
     model = ScriptedOutputs(MemConfig(**TINY), text=text)
-    planner = MemPlanner(None, None, model, check_every=1, replan_steps=4, holding_closure=0.25)
+    planner = MemPlanner(None, None, model, check_every=1, replan_steps=4, holding_closure=0.25,
+                         min_subtask_steps=0)
     task = generate("restore", PANDA, 1)
     memory = TaskMemory(task, PANDA)
     first, second = task.subtasks[0].text, task.subtasks[1].text
@@ -671,7 +699,8 @@ def test_no_call_while_the_gripper_holds_a_cube(text):
     assert planner.episode_metrics()["holding_steps"] == 10
     assert planner.update(image, task.instruction, gripper=0.02) and planner.subtask == second  # let go
     # Without the gate (holding_closure None) the same carried cube is recorded at once.
-    ungated = MemPlanner(None, None, model, check_every=1, replan_steps=4, holding_closure=None)
+    ungated = MemPlanner(None, None, model, check_every=1, replan_steps=4, holding_closure=None,
+                         min_subtask_steps=0)
     ungated.set_scene(task, PANDA)
     model.set_outputs(first, memory.label(0))
     ungated.update(image, task.instruction, gripper=0.0)

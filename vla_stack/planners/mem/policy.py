@@ -4,6 +4,10 @@ policy runs the subtask text as its instruction.
 Control loop per step:
 - step 0 (memory empty) -> high-level call;
 - every `check_every` steps -> completion head only (encoder, no decoding): "the memory is stale" -> call;
+- no completion check sooner than `min_subtask_steps` after the last accepted call: no subtask of these tasks
+  (grasp, carry, let go) finishes faster, and right after a call the arm still hangs over the cube it just let
+  go of, which the head read as the *new* subtask done (held-out traces: 13 false outcomes 10-35 steps after the
+  previous call, no true one sooner than 45);
 - with `settle` > 0 a firing head schedules the call `settle` steps later and the running subtask goes on
   meanwhile: a head that fires while the cube is still being lowered then reads a finished outcome;
 - no accepted call for `replan_steps` steps (false alarms do not count) -> call anyway (a stalled or failed
@@ -118,9 +122,12 @@ class MemPlanner:
 
     def __init__(self, policy, env, model: HighLevelModel, use_memory: bool = True, check_every: int = 5,
                  replan_steps: int = 100, threshold: float = 0.5, low_level: str | None = None, confirm: int = 1,
-                 settle: int = 0, stall_threshold: float = 0.5, holding_closure: float | None = 0.25):
-        if check_every < 1 or replan_steps < 1 or confirm < 1 or settle < 0:
-            raise VlaStackError("check_every, replan_steps and confirm must be at least 1, settle at least 0")
+                 settle: int = 0, stall_threshold: float = 0.5, holding_closure: float | None = 0.25,
+                 min_subtask_steps: int = 40):
+        if check_every < 1 or replan_steps < 1 or confirm < 1 or settle < 0 or min_subtask_steps < 0:
+            raise VlaStackError("check_every, replan_steps and confirm must be at least 1, settle and "
+                                "min_subtask_steps at least 0")
+        self.min_subtask_steps = min_subtask_steps
         if not 0.0 <= stall_threshold <= 1.0:
             raise VlaStackError(f"stall_threshold must be a probability, got {stall_threshold}")
         self.confirm, self.settle = confirm, settle
@@ -142,7 +149,8 @@ class MemPlanner:
         self.episodes = 0
         self.memory, self.subtask = EMPTY, None
         self.scene: TaskMemory | None = None
-        self._last_call: int | None = None
+        self._last_call: int | None = None  # the stall clock (the holding gate winds it on)
+        self._last_accepted = 0  # the last call whose memory was adopted: the minimum subtask time runs from it
         self._known_done = 0
         self._pending_boundary: int | None = None
         self._episode = self._new_episode()
@@ -194,7 +202,7 @@ class MemPlanner:
         self._episode = self._new_episode()
         self.memory, self.subtask = EMPTY, None
         self.scene = TaskMemory(task, robot) if task is not None else None
-        self._last_call = None
+        self._last_call, self._last_accepted = None, 0
         self._known_done = 0
         self._pending_boundary = None
         self._positives, self._settle_at = 0, None
@@ -223,7 +231,9 @@ class MemPlanner:
         if not call and self._settle_at is not None:
             call = step >= self._settle_at
         elif not call and step % self.check_every == 0:
-            if self.use_memory:
+            if self.use_memory and step - self._last_accepted < self.min_subtask_steps:
+                self._positives = 0  # too soon after the last call for any subtask to have finished
+            elif self.use_memory:
                 start = time.perf_counter()
                 p = float(self.model.completion_probability(prepare_images(image[None], self.model.config.image_size),
                                                             [goal], [self._model_memory()])[0])
@@ -286,6 +296,7 @@ class MemPlanner:
             self._last_call = last_call
             trace.update(false_alarm=True, memory=self.memory, subtask=self.subtask)
             return
+        self._last_accepted = step
         self.set_memory(memory)
         try:
             subtask = self.scene.check_subtask(subtask) if self.scene else _subtask_grammar_checked(subtask)
@@ -376,7 +387,7 @@ class MemPlanner:
         return {
             "low_level": self.low_level, "use_memory": self.use_memory, "episodes": self.episodes,
             "check_every": self.check_every, "replan_steps": self.replan_steps, "confirm": self.confirm,
-            "settle": self.settle,
+            "settle": self.settle, "min_subtask_steps": self.min_subtask_steps,
             "threshold": self.threshold,
             "high_level_calls": int(t.get("calls", 0)), "completion_checks": int(t.get("checks", 0)),
             "stall_calls": int(t.get("stall_calls", 0)), "false_alarms": int(t.get("false_alarms", 0)),
@@ -498,18 +509,19 @@ def trigger_settings(model, threshold=None, confirm=None) -> tuple[float, int]:
 
 def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_every=5, replan_steps=100,
                 threshold=None, confirm=None, settle=0, high_level="model", stall_threshold=0.5,
-                holding_closure="0.25", **unknown) -> MemPlanner | OracleHighLevel:
+                holding_closure="0.25", min_subtask_steps=40, **unknown) -> MemPlanner | OracleHighLevel:
     """The `--planner mem` entry point (see vla_stack.planners.wrap_policy). Options arrive as strings from the
     command line: memory=on|off, check_every=N, replan_steps=N, threshold=P, settle=N (steps from the head firing
     to the call), confirm=N (consecutive positive completion checks before a call); threshold and confirm default
     to the checkpoint's; stall_threshold=P, the completion probability at which a stall re-plan adds the running
     subtask's outcome to an unchanged memory; holding_closure=C, the gripper closure above which no call is made
-    (off: no gate). high_level=oracle replaces the model by OracleHighLevel
+    (off: no gate); min_subtask_steps=N, steps after an accepted call before the completion head is consulted
+    again. high_level=oracle replaces the model by OracleHighLevel
     (evaluation only)."""
     if unknown:
         raise VlaStackError(f"unknown mem planner option(s) {sorted(unknown)} "
                             "(known: memory, check_every, replan_steps, threshold, confirm, settle, stall_threshold, "
-                            "holding_closure, high_level)")
+                            "holding_closure, min_subtask_steps, high_level)")
     if high_level not in ("model", "oracle"):
         raise VlaStackError(f"planner option high_level must be model or oracle, got {high_level!r}")
     if high_level == "oracle":
@@ -518,6 +530,7 @@ def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_
         return OracleHighLevel(policy, env)
     try:
         check_every, replan_steps, settle = int(check_every), int(replan_steps), int(settle)
+        min_subtask_steps = int(min_subtask_steps)
         threshold = None if threshold is None else float(threshold)
         stall_threshold = float(stall_threshold)
         holding_closure = None if str(holding_closure).lower() == "off" else float(holding_closure)
@@ -533,4 +546,5 @@ def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_
         low_level = "scripted-subtask-executor (privileged object poses)"
     return MemPlanner(policy, env, model, use_memory=use_memory, check_every=check_every,
                       replan_steps=replan_steps, threshold=threshold, low_level=low_level, confirm=confirm,
-                      settle=settle, stall_threshold=stall_threshold, holding_closure=holding_closure)
+                      settle=settle, stall_threshold=stall_threshold, holding_closure=holding_closure,
+                      min_subtask_steps=min_subtask_steps)
