@@ -35,18 +35,15 @@ def default_checkpoint() -> Path:
     return share_dir("policies") / "wm_tiny"
 
 
-def sample_vla_chunks(vla, obs: dict, k: int, generator: torch.Generator,
-                      known: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """K chunks from one observation, as (normalised and padded, robot units (K, chunk_size, action_dim)): the
-    prefix (images, text, state) is encoded once and serves all K rows; each row gets its own noise. `known`
-    (d, max_action_dim), normalised: steps already committed, inpainted into every row (real-time chunking)."""
+def sample_vla_chunks(vla, obs: dict, k: int, generator: torch.Generator) -> np.ndarray:
+    """K chunks (K, chunk_size, action_dim) in robot units from one observation: the prefix (images, text,
+    state) is encoded once and serves all K rows; each row gets its own noise."""
     cfg = vla.config
     batch = vla.batch(obs)  # validates the observation (NaN/inf -> InvalidObservationError)
-    inpaint = None if known is None else (torch.from_numpy(np.asarray(known, np.float32))[None], len(known))
     with torch.inference_mode():
         noise = torch.randn(k, cfg.chunk_size, cfg.max_action_dim, generator=generator)
-        x = vla.model.sample_actions(batch, vla.num_steps, noise=noise, inpaint=inpaint).numpy()
-    return x, np.stack([vla.to_robot(c) for c in x])
+        x = vla.model.sample_actions(batch, vla.num_steps, noise=noise)
+    return np.stack([vla.to_robot(c) for c in x.numpy()])
 
 
 class WorldModelPlanner:
@@ -54,8 +51,7 @@ class WorldModelPlanner:
 
     def __init__(self, vla, world_model, robot: str, *, k: int = 8, mode: str = "mcts",
                  search_config: SearchConfig | None = None, progress_weight: float = 0.25,
-                 temperature: float = 1.5, threads: int | None = None, deadline_s: float | None = 0.15,
-                 rtc: bool = True):
+                 temperature: float = 1.5, threads: int | None = None, deadline_s: float | None = 0.15):
         if mode not in MODES:
             raise VlaStackError(f"unknown wm planner mode '{mode}' (known: {', '.join(MODES)})")
         for attr in ("model", "config", "batch", "observe", "to_robot", "num_steps"):
@@ -72,7 +68,6 @@ class WorldModelPlanner:
         if deadline_s is not None and deadline_s <= 0:
             raise VlaStackError(f"deadline_s must be positive (or None: no deadline), got {deadline_s}")
         self.deadline_s = deadline_s
-        self.rtc = rtc
         self.vla, self.wm, self.robot, self.k, self.mode = vla, world_model, robot, k, mode
         self.search_config = search_config or SearchConfig()
         self.progress_weight, self.temperature = progress_weight, temperature
@@ -88,7 +83,6 @@ class WorldModelPlanner:
         self._queue: list[np.ndarray] = []
         self._decisions: list[dict] = []
         self._goal_for: str | None = None
-        self._continuation: np.ndarray | None = None
 
     def _encode(self, obs: dict) -> np.ndarray:
         from vla_stack.policy.vla.dataset import resize_images
@@ -102,7 +96,7 @@ class WorldModelPlanner:
 
     def _plan(self, obs: dict) -> np.ndarray:
         t0 = time.perf_counter()
-        raw, chunks = sample_vla_chunks(self.vla, obs, self.k, self._generator, self._continuation)
+        chunks = sample_vla_chunks(self.vla, obs, self.k, self._generator)  # (K, chunk_size, A) robot units
         t1 = time.perf_counter()
         H = self.wm.config.chunk
         instruction = self.vla.instruction or obs.get("instruction", "")
@@ -136,9 +130,6 @@ class WorldModelPlanner:
         record["index"] = index
         self._decisions.append(record)
         self._queue = list(chunks[index, :H])
-        # The chosen chunk's plan for the step after its last executed one: every candidate of the next decision
-        # starts with it, as the VLA's own runner joins chunks, so a switch of candidate is no jump in the command.
-        self._continuation = raw[index, H:H + 1] if self.rtc and raw.shape[1] > H else None
         return chunks[index, :H]
 
     @property
@@ -205,11 +196,11 @@ def _pct(values: list[float], q: float) -> float | None:
 def make_policy(policy, env, checkpoint=None, **options) -> WorldModelPlanner:
     """The `--planner wm` entry point (vla_stack.planners.wrap_policy). options (values may be strings, as
     `--planner-option KEY=VALUE` gives them): k, mode, deadline_s (of the whole decision; none: no deadline),
-    rtc (on|off: every candidate continues the executing chunk), batch_size, max_depth, children, c_puct,
-    discount, pw_k, pw_alpha, max_simulations, progress_weight, temperature, threads."""
+    batch_size, max_depth, children, c_puct, discount, pw_k, pw_alpha, max_simulations, progress_weight,
+    temperature, threads."""
     kinds = {"k": int, "threads": int, "batch_size": int, "max_depth": int, "children": int, "max_simulations": int,
              "progress_weight": float, "temperature": float, "c_puct": float, "discount": float, "pw_k": float,
-             "pw_alpha": float, "deadline_s": _optional_float, "rtc": _flag, "mode": str}
+             "pw_alpha": float, "deadline_s": _optional_float, "mode": str}
     unknown = set(options) - set(kinds)
     if unknown:
         raise VlaStackError(f"unknown wm planner option(s): {', '.join(sorted(unknown))} "
@@ -228,12 +219,3 @@ def make_policy(policy, env, checkpoint=None, **options) -> WorldModelPlanner:
 
 def _optional_float(value) -> float | None:
     return None if value is None or str(value).lower() == "none" else float(value)
-
-
-def _flag(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).lower()
-    if text not in ("on", "off", "true", "false", "1", "0"):
-        raise ValueError(f"expected on or off, got {value!r}")
-    return text in ("on", "true", "1")
