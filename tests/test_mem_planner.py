@@ -706,3 +706,42 @@ def test_no_call_while_the_gripper_holds_a_cube(text):
     ungated.update(image, task.instruction, gripper=0.0)
     model.set_outputs(second, memory.label(1))
     assert ungated.update(image, task.instruction, gripper=0.46) and ungated.subtask == second
+
+
+def test_failure_breakdown_by_first_high_level_error(tmp_path):
+    """`vla-stack mem failures`: each failed episode goes to the first call whose kept memory disagrees with the
+    scene's completed subtasks; restore's start-region wording is not an error."""
+    from typer.testing import CliRunner
+
+    from vla_stack.cli import app
+    from vla_stack.planners.mem.failures import LOW_LEVEL, MISSED, RECORDED, failure_breakdown
+
+    sort, restore = TaskMemory(generate("sort", PANDA, 1), PANDA), TaskMemory(generate("restore", PANDA, 2), PANDA)
+
+    def call(step, memory, completed, stall=False):
+        return {"step": step, "stall": stall, "false_alarm": False, "memory": memory, "completed": completed}
+
+    def episode(seed, calls, success=False):
+        return {"seed": seed, "success": success, "subtasks_completed": 0, "planner": {"calls": calls}}
+
+    record = {"task": "sort", "robot": "panda", "per_episode": [
+        episode(1, [call(0, sort.label(0), [])], success=True),
+        episode(1, [call(0, sort.label(0), []), call(60, sort.label_set({0}), [0]),
+                    call(70, sort.label_set({0, 1}), [0])]),  # the next cube recorded 10 steps on
+        episode(1, [call(0, sort.label(0), []), call(100, sort.label(0), [2], stall=True)]),
+        episode(1, [call(0, sort.label(0), []), call(60, sort.label_set({2}), [2])])]}
+    result = failure_breakdown(record)
+    assert result["failures"] == 3 and [row["kind"] for row in result["per_failure"]] == [RECORDED, MISSED, LOW_LEVEL]
+    assert result["by_first_error"] == {f"{RECORDED} (completion call)": 1, f"{MISSED} (stall call)": 1, LOW_LEVEL: 1}
+    wrong_region = restore.label(1).rsplit(" the ", 1)[0] + " the far right"  # the cube is in; the region is off
+    assert wrong_region != restore.label(1)
+    restore_record = {"task": "restore", "robot": "panda",
+                      "per_episode": [episode(2, [call(0, restore.label(0), []), call(60, wrong_region, [0])])]}
+    assert failure_breakdown(restore_record)["by_first_error"] == {LOW_LEVEL: 1}
+    (tmp_path / "eval.json").write_text(json.dumps(record))
+    out = CliRunner().invoke(app, ["mem", "failures", str(tmp_path / "eval.json"), "--json", str(tmp_path / "f.json")])
+    assert out.exit_code == 0 and "3 of 4 episodes failed" in out.output
+    assert json.loads((tmp_path / "f.json").read_text())["failures"] == 3
+    untraced = {"task": "sort", "robot": "panda", "per_episode": [{"seed": 1, "success": False, "planner": {}}]}
+    with pytest.raises(VlaStackError, match="no per-call trace"):
+        failure_breakdown(untraced)

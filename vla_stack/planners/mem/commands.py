@@ -81,6 +81,29 @@ def score_command(
         json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+@mem_app.command("failures")
+def failures_command(
+    record: Path = typer.Argument(..., help="JSON written by `vla-stack eval --planner mem --json`."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the breakdown here."),
+) -> None:
+    """Failed episodes by their first high-level error (outcome recorded that did not happen / missed, at a
+    completion call or a stall re-plan; none: the low level failed under a right memory), from the per-call
+    traces of an evaluation record."""
+    from vla_stack.errors import VlaStackError
+    from vla_stack.planners.mem.failures import failure_breakdown
+
+    try:
+        result = failure_breakdown(json.loads(record.read_text()))
+    except (OSError, ValueError) as exc:
+        raise VlaStackError(f"cannot read evaluation record {record}: {exc}") from None
+    print(f"{result['task']}/{result['robot']}: {result['failures']} of {result['episodes']} episodes failed")
+    for kind, count in result["by_first_error"].items():
+        print(f"{count:5d}  {kind}")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 @mem_app.command("bench")
 def bench_command(
     checkpoint: Optional[Path] = typer.Option(None, help="High-level checkpoint (default: the shipped mem_tiny)."),
