@@ -6,8 +6,8 @@ Control loop per step:
 - every `check_every` steps -> completion head only (encoder, no decoding): "the memory is stale" -> call;
 - no completion check sooner than `min_subtask_steps` after the last accepted call: no subtask of these tasks
   (grasp, carry, let go) finishes faster, and right after a call the arm still hangs over the cube it just let
-  go of, which the head read as the *new* subtask done (held-out traces: 13 false outcomes 10-35 steps after the
-  previous call, no true one sooner than 45);
+  go of, which the head read as the *new* subtask done (default 40, the VLA's fastest subtask under the oracle;
+  held-out traces before it: 13 false outcomes 10-35 steps after the previous call, no true one sooner than 45);
 - with `settle` > 0 a firing head schedules the call `settle` steps later and the running subtask goes on
   meanwhile: a head that fires while the cube is still being lowered then reads a finished outcome;
 - no accepted call for `replan_steps` steps (false alarms do not count) -> call anyway (a stalled or failed
@@ -127,10 +127,9 @@ class MemPlanner:
         if check_every < 1 or replan_steps < 1 or confirm < 1 or settle < 0 or min_subtask_steps < 0:
             raise VlaStackError("check_every, replan_steps and confirm must be at least 1, settle and "
                                 "min_subtask_steps at least 0")
-        self.min_subtask_steps = min_subtask_steps
         if not 0.0 <= stall_threshold <= 1.0:
             raise VlaStackError(f"stall_threshold must be a probability, got {stall_threshold}")
-        self.confirm, self.settle = confirm, settle
+        self.confirm, self.settle, self.min_subtask_steps = confirm, settle, min_subtask_steps
         self.stall_threshold = stall_threshold
         self.holding_closure = holding_closure
         self._settle_at: int | None = None
