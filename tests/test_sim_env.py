@@ -53,6 +53,37 @@ def test_reset_is_deterministic_per_seed_and_randomised_across_seeds(place_env):
     assert all(count >= 6 for count in differs.values()), differs
 
 
+def test_restoring_a_snapshot_replays_the_same_future(place_env):
+    """Branched rollouts try several futures from one saved state: each must start from exactly that state."""
+    env = place_env.unwrapped
+    obs, _ = place_env.reset(seed=5)
+    rng = np.random.default_rng(0)
+    home = obs["state"]
+    actions = [np.append(home[:-1] + rng.normal(0, 0.1, len(home) - 1), t > 12).astype(np.float32) for t in range(24)]
+    for a in actions[:8]:
+        place_env.step(a)
+    snap = env.snapshot()
+    futures = []
+    for blind in (False, True):
+        env.restore(snap)
+        for a in actions[8:]:
+            if blind:
+                env.step_unobserved(a)
+            else:
+                place_env.step(a)
+        futures.append((env.observation(), env.steps, env.sim.cube_pos(0)))
+    env.restore(snap)
+    assert env.steps == 8
+    (obs_a, steps_a, cube_a), (obs_b, steps_b, cube_b) = futures
+    assert steps_a == steps_b == 24
+    np.testing.assert_array_equal(obs_a["state"], obs_b["state"])
+    np.testing.assert_array_equal(obs_a["images"]["front"], obs_b["images"]["front"])
+    np.testing.assert_array_equal(cube_a, cube_b)
+    place_env.reset(seed=6)
+    with pytest.raises(RuntimeError, match="only into the episode"):
+        env.restore(snap)
+
+
 def test_out_of_range_actions_are_clipped_and_counted(place_env):
     env = place_env.unwrapped
     place_env.reset(seed=0)

@@ -96,6 +96,40 @@ def test_tiny_world_model_loss_drops():
     assert history[-1]["pred"] < history[0]["pred"]
 
 
+def test_branched_rollouts_teach_the_value_to_rank_chunks_from_one_state():
+    """Two chunks tried from the same states, one succeeded (moving the square right), one failed (left). The
+    recorded episodes alone teach the opposite (those ending on the left succeeded): only the branch loss makes
+    the planner's score of the predicted latents pick the chunk that worked (held-out states)."""
+    from vla_stack.planners.world_model.quality import branch_choice
+
+    cfg = _tiny_config()
+    H = cfg.chunk
+    right, left = np.zeros((H, 3), np.float32), np.zeros((H, 3), np.float32)
+    right[:, 0], left[:, 0] = 1.0, -1.0
+
+    def with_branches(eps):
+        for ep in eps:
+            ep.success = bool(ep.state[-1, 0] < 8)
+            ep.value, ep.progress = targets(np.zeros(len(ep.action), int), 1, ep.success, cfg.gamma)
+            for t in range(0, len(ep.action) - 1, 3):
+                ep.branches += [{"t": t, "chunk": right, "value": np.float32(cfg.gamma ** 10), "success": True},
+                                {"t": t, "chunk": left, "value": np.float32(0.0), "success": False}]
+        return eps
+
+    train, held = with_branches(_episodes(8)), with_branches(_episodes(4, seed=1))
+    picked = {}
+    for branch_batch in (0, 16):
+        torch.manual_seed(0)
+        model = WorldModel(cfg)
+        model.set_stats(np.concatenate([e.state for e in train]), np.concatenate([e.action for e in train]))
+        train_model(model, ChunkSampler(train, cfg), TrainConfig(steps=200, batch_size=16, lr=3e-3, warmup_steps=10,
+                                                                branch_batch_size=branch_batch), progress=False)
+        result = branch_choice(model, held)
+        assert result["points"] == 28 and result["mixed_points"] == 28 and result["success_random"] == 0.5
+        picked[branch_batch] = result["success_picked"]
+    assert picked[16] >= 0.9 and picked[0] <= 0.6, picked
+
+
 def test_value_and_progress_targets():
     value, progress = targets(np.array([0, 0, 1, 1]), 2, True, 0.5)
     np.testing.assert_allclose(value, [0.0625, 0.125, 0.25, 0.5])

@@ -59,6 +59,34 @@ def test_planner_runs_an_episode(env, vla, wm_checkpoint, mode):
     np.testing.assert_array_equal(actions[0], actions[1])
 
 
+def test_branched_collection_tries_every_candidate_and_leaves_the_episode_alone(tmp_path):
+    """collect_branched: K entries per branched decision, candidate 0 = the episode's own outcome, and the
+    episode itself identical to one collected without branching (every branch restored the sim and the VLA)."""
+    from vla_stack.data.episode_store import EpisodeStore
+    from vla_stack.paths import share_dir
+    from vla_stack.planners.world_model.collect import collect_branched
+    from vla_stack.planners.world_model.train import load_episodes
+
+    vla_path = share_dir("policies") / "vla_tiny"
+    for name, prob in (("plain", 0.0), ("branched", 1.0)):
+        r = collect_branched("pick", "panda", vla_path, tmp_path / f"{name}.zarr", 1, seed_start=7, k=3,
+                             branch_prob=prob, max_steps=16, progress=False)
+        assert r["branch_points"] == (2 if prob else 0)
+    plain, branched = EpisodeStore.open(tmp_path / "plain.zarr"), EpisodeStore.open(tmp_path / "branched.zarr")
+    a, b = plain.read_episode(0), branched.read_episode(0)
+    np.testing.assert_array_equal(a["action"], b["action"])
+    np.testing.assert_array_equal(a["images.front"], b["images.front"])
+    meta = branched.episode_meta(0)
+    entries = meta.extra["branches"]
+    assert [e["t"] for e in entries] == [0, 0, 0, 8, 8, 8]
+    np.testing.assert_allclose(entries[3]["chunk"], b["action"][8:16], atol=1e-5)  # candidate 0 was executed
+    assert entries[0]["success"] == meta.success and not any(e["success"] for e in entries)  # 16 steps: no pick
+    assert len({str(e["chunk"]) for e in entries[:3]}) == 3
+    cfg = WmConfig(robot="panda", image_size=32, channels=(8, 8), latent_dim=16, hidden=32, predictor_hidden=64)
+    train, _ = load_episodes([str(tmp_path / "branched.zarr")], cfg, progress=False)
+    assert [br["value"] for br in train[0].branches] == [0.0] * 6
+
+
 def test_the_deadline_covers_the_whole_decision(env, vla, wm_checkpoint):
     """The search gets what the VLA proposals and the encoding left of the decision deadline."""
     planner = wrap_policy("wm", vla, env, checkpoint=wm_checkpoint, k=2, deadline_s=0.5)

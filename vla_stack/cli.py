@@ -217,8 +217,10 @@ def _mount_subcommands() -> None:
     bench_app.command("ros")(bench_ros)
     app.command("train")(train_command)
     bench_app.command("policy")(bench_policy_command)
-    from vla_stack.planners.world_model.commands import bench_planner_command, train_wm_command, wm_quality_command
+    from vla_stack.planners.world_model.commands import (bench_planner_command, train_wm_command, wm_collect_command,
+                                                         wm_quality_command)
 
+    app.command("wm-collect")(wm_collect_command)
     app.command("train-wm")(train_wm_command)
     app.command("wm-quality")(wm_quality_command)
     bench_app.command("planner")(bench_planner_command)

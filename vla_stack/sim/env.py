@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
@@ -67,6 +69,12 @@ class TabletopEnv(gym.Env):
         return self._observation(), self._info(success=False)
 
     def step(self, action):
+        success, truncated = self.step_unobserved(action)
+        return self._observation(), float(success), success, truncated, self._info(success)
+
+    def step_unobserved(self, action) -> tuple[bool, bool]:
+        """step() without rendering the cameras (5-7x faster here): (terminated, truncated). For rollouts that
+        look only at decision points; `observation()` renders when they do."""
         if self.task is None:
             raise RuntimeError("call reset() before step()")
         self.sim.apply_action(action)
@@ -76,8 +84,25 @@ class TabletopEnv(gym.Env):
             raise RuntimeError("physics diverged; reset the environment")
         self._advance_subtasks()
         success = self.success()
-        truncated = not success and self.steps >= self.max_steps
-        return self._observation(), float(success), success, truncated, self._info(success)
+        return success, not success and self.steps >= self.max_steps
+
+    def observation(self) -> dict:
+        return self._observation()
+
+    def snapshot(self) -> dict:
+        """Everything an episode changes (physics state incl. actuator targets, step and subtask counters), for
+        branching: restore() returns to it, so several futures can be tried from one state."""
+        if self.task is None:
+            raise RuntimeError("call reset() before snapshot()")
+        return {"physics": self.sim.get_state(), "steps": self.steps, "subtask_index": self.subtask_index,
+                "counters": dataclasses.replace(self.sim.counters), "task_seed": self.task.seed}
+
+    def restore(self, snapshot: dict) -> None:
+        if self.task is None or snapshot["task_seed"] != self.task.seed:
+            raise RuntimeError("a snapshot restores only into the episode it was taken from")
+        self.sim.set_state(snapshot["physics"])
+        self.steps, self.subtask_index = snapshot["steps"], snapshot["subtask_index"]
+        self.sim.counters = dataclasses.replace(snapshot["counters"])
 
     def success(self) -> bool:
         return self.subtask_index >= len(self.task.subtasks) and all(map(self.sim.goal_reached, self.task.final_goals))

@@ -15,6 +15,7 @@ from vla_stack.sim.robots import TABLE_Z, RobotSpec, get_robot, gripper_ctrl, gr
 from vla_stack.sim.tasks import TaskInstance
 
 CAMERAS = ("front", "wrist")
+_FULL_STATE = mujoco.mjtState.mjSTATE_INTEGRATION
 N_TABLE_LOOKS = 6
 FRONT_FOVY = 50.0  # degrees
 FRONT_UP = (-1.0, 0.0, 0.0)  # image up points away from the robot base
@@ -209,6 +210,17 @@ class TabletopSim:
 
     def step(self, n: int | None = None) -> None:
         mujoco.mj_step(self.model, self.data, nstep=n or self.substeps)
+
+    def get_state(self) -> np.ndarray:
+        """The full integration state (time, qpos, qvel, act, warm start, ctrl, ...): set_state() then
+        continues bit-identically."""
+        state = np.empty(mujoco.mj_stateSize(self.model, _FULL_STATE))
+        mujoco.mj_getState(self.model, self.data, state, _FULL_STATE)
+        return state
+
+    def set_state(self, state: np.ndarray) -> None:
+        mujoco.mj_setState(self.model, self.data, np.asarray(state, np.float64), _FULL_STATE)
+        mujoco.mj_forward(self.model, self.data)  # positions, contacts and sensors for the next render/read
 
     # ----------------------------------------------------------------------------------------------- sensing
     def joint_state(self) -> np.ndarray:

@@ -5,6 +5,12 @@ same zarr episode-store layout as the demos (so one loader reads both), failures
 - `vla`: the VLA checkpoint as is (weak: most episodes fail, in many different ways);
 - `noisy-expert`: the scripted expert with Gaussian joint noise and, per 8-step block with probability
   `swap_prob`, the VLA's action instead of the expert's (mixed outcomes, states near the demo distribution).
+
+`collect_branched` records what neither gives: outcomes of *different chunks from the same state*, the targets
+a critic needs to rank the planner's candidates (a value head trained on single trajectories learns how good a
+state is, not which of K chunks from it is better). It runs the planner's own schedule (K VLA samples per
+decision, the first executed for H steps) and at some decisions saves the simulator, tries each other
+candidate, continues every branch with the VLA to the episode's end, and restores.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+import torch
 
 from vla_stack.data.collect import store_features
 from vla_stack.data.episode_store import EpisodeStore
@@ -75,3 +83,112 @@ def collect_rollouts(task: str, robot: str, behaviour: str, vla_checkpoint: str 
     finally:
         env.close()
     return {"store": str(store_path), "episodes": episodes, "successes": successes, "behaviour": behaviour}
+
+
+def collect_branched(task: str, robot: str, vla_checkpoint: str | Path, store_path: str | Path, episodes: int,
+                     seed_start: int = 0, k: int = 8, chunk: int = 8, branch_prob: float = 0.2,
+                     max_steps: int | None = None, progress: bool = True) -> dict:
+    """Episodes of the planner's `first` schedule (K VLA samples per decision, the first executed for `chunk`
+    steps), each decision branched with probability `branch_prob`. Stored with the frames like
+    collect_rollouts; the branches go into the episode's extra metadata: `branches` = one entry per tried
+    candidate {t, chunk (chunk x action_dim, robot units), success, steps_to_success (from t)}, candidate 0 being
+    the episode's own continuation. Branches are continued blind (cameras rendered only at decisions) unless the
+    VLA has video memory."""
+    from vla_stack.planners.world_model.policy import sample_vla_chunks
+    from vla_stack.policy.vla.runner import load_vla_policy
+
+    if seed_start + episodes > HELDOUT_SEED_START:
+        raise VlaStackError(f"training seeds must stay below {HELDOUT_SEED_START} (held out for evaluation)")
+    if k < 2 or chunk < 1 or not 0.0 <= branch_prob <= 1.0:
+        raise VlaStackError("need k >= 2, chunk >= 1 and branch_prob in [0, 1]")
+    env = TabletopEnv(task, robot, image_size=128, cameras=CAMERAS, max_steps=max_steps)
+    totals = {"episodes": episodes, "successes": 0, "branch_points": 0, "mixed_points": 0, "branches": 0}
+    try:
+        store = EpisodeStore.open_or_create(store_path, robot=robot, fps=int(env.control_hz),
+                                            features=store_features(env))
+        vla = load_vla_policy(vla_checkpoint, robot, async_inference=False)
+        if vla.config.chunk_size < chunk:
+            raise VlaStackError(f"VLA chunks ({vla.config.chunk_size}) are shorter than {chunk}")
+        every_step = bool(vla.config.memory_offsets)
+        for seed in tqdm(range(seed_start, seed_start + episodes), desc=f"wm branched {task}/{robot}",
+                         disable=not progress, unit="ep"):
+            obs, info = env.reset(seed=seed)
+            vla.reset(seed=seed)
+            generator = torch.Generator().manual_seed(seed)
+            rng = np.random.default_rng(seed)
+            branches, own = [], []  # own: indices into branches of candidate 0 (filled at the episode end)
+            with store.begin_episode(instruction=env.instruction, subtasks=info["subtasks"], task=env.family.name,
+                                     seed=seed) as writer:
+                done = False
+                while not done:
+                    vla.observe(obs)
+                    chunks = sample_vla_chunks(vla, obs, k, generator)[:, :chunk]
+                    if rng.random() < branch_prob:
+                        t = env.steps
+                        outcomes = _try_branches(env, vla, chunks[1:], every_step, seed * 100_003 + t)
+                        own.append(len(branches))
+                        branches.append({"t": t, "chunk": _rounded(chunks[0]), "success": None,
+                                         "steps_to_success": None})
+                        for c, (ok, n) in zip(chunks[1:], outcomes):
+                            branches.append({"t": t, "chunk": _rounded(c), "success": ok, "steps_to_success": n})
+                        totals["branch_points"] += 1
+                    for i, action in enumerate(chunks[0]):
+                        if i:
+                            vla.observe(obs)
+                        frame = {f"images.{c}": obs["images"][c] for c in env.cameras}
+                        frame.update(state=obs["state"], action=action.astype(np.float32),
+                                     subtask_index=np.int64(info["subtask_index"]))
+                        writer.add_frame(frame)
+                        obs, _, terminated, truncated, info = env.step(action)
+                        done = terminated or truncated
+                        if done:
+                            break
+                success = bool(info["success"])
+                for i in own:
+                    b = branches[i]
+                    b["success"], b["steps_to_success"] = success, (env.steps - b["t"]) if success else None
+                    group = [x["success"] for x in branches if x["t"] == b["t"]]
+                    totals["mixed_points"] += 0 < sum(group) < len(group)
+                totals["successes"] += success
+                totals["branches"] += len(branches)
+                writer.commit(success=success, extra={"steps": env.steps, "behaviour": "vla-branched",
+                                                      "subtasks_completed": int(env.subtask_index),
+                                                      "branches": branches})
+    finally:
+        env.close()
+    return {"store": str(store_path), **totals}
+
+
+def _try_branches(env: TabletopEnv, vla, chunks: np.ndarray, every_step: bool, seed: int) -> list[tuple]:
+    """Each chunk from the current state, then the VLA to the episode's end: [(success, steps to success)].
+    The env and the VLA's memory are back at the current state afterwards."""
+    from vla_stack.planners.world_model.policy import sample_vla_chunks
+
+    env_snap, vla_snap = env.snapshot(), vla.memory_snapshot()
+    t0, H = env.steps, len(chunks[0])
+    generator = torch.Generator().manual_seed(seed)
+    outcomes = []
+    for first in chunks:
+        env.restore(env_snap)
+        vla.restore_memory(vla_snap)
+        plan, success, done = first, False, False
+        while not done:
+            for i, action in enumerate(plan):
+                success, truncated = env.step_unobserved(action)
+                done = success or truncated
+                if done:
+                    break
+                if every_step and i < len(plan) - 1:
+                    vla.observe(env.observation())
+            if not done:
+                obs = env.observation()
+                vla.observe(obs)
+                plan = sample_vla_chunks(vla, obs, 1, generator)[0, :H]
+        outcomes.append((bool(success), env.steps - t0 if success else None))
+    env.restore(env_snap)
+    vla.restore_memory(vla_snap)
+    return outcomes
+
+
+def _rounded(chunk: np.ndarray) -> list[list[float]]:
+    return np.round(chunk.astype(np.float64), 5).tolist()

@@ -1,4 +1,4 @@
-"""CLI commands of the world-model planner, mounted by vla_stack/cli.py:
+"""CLI commands of the world-model planner, mounted by vla_stack/cli.py: `vla-stack wm-collect`,
 `vla-stack train-wm --config policies/wm_tiny.yaml`, `vla-stack wm-quality`, `vla-stack bench planner`."""
 
 from __future__ import annotations
@@ -15,6 +15,36 @@ def _write(result: dict, path: Optional[Path]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
+
+
+def wm_collect_command(
+    store: Path = typer.Option(..., help="Zarr episode store to create or append to."),
+    task: str = typer.Option("stack", help="Task family."),
+    robot: str = typer.Option("panda", help="Robot."),
+    behaviour: str = typer.Option("branched", help="vla (the VLA alone), noisy-expert (the scripted expert with "
+                                  "noise and VLA chunks mixed in) or branched (the planner's schedule, some "
+                                  "decisions branched: every candidate tried from the saved state to an outcome)."),
+    vla: Optional[Path] = typer.Option(None, help="VLA checkpoint (default: policies/vla_tiny)."),
+    episodes: int = typer.Option(100, help="Episodes."),
+    seed_start: int = typer.Option(0, help="First seed (training seeds stay below 1,000,000)."),
+    k: int = typer.Option(8, help="branched: VLA samples per decision."),
+    branch_prob: float = typer.Option(0.2, help="branched: probability that a decision is branched."),
+    threads: int = typer.Option(1, help="torch threads."),
+) -> None:
+    """Non-expert episodes for world-model training: failures, and (branched) outcomes of different chunks
+    from the same state, which is what ranks the planner's candidates."""
+    import torch
+
+    from vla_stack.paths import share_dir
+    from vla_stack.planners.world_model.collect import collect_branched, collect_rollouts
+
+    torch.set_num_threads(threads)
+    vla_path = vla or share_dir("policies") / "vla_tiny"
+    if behaviour == "branched":
+        result = collect_branched(task, robot, vla_path, store, episodes, seed_start, k=k, branch_prob=branch_prob)
+    else:
+        result = collect_rollouts(task, robot, behaviour, vla_path, store, episodes, seed_start)
+    print(json.dumps(result, indent=2))
 
 
 def train_wm_command(

@@ -20,7 +20,8 @@ from vla_stack.evaluation import HELDOUT_SEED_START, run_episode, wilson_interva
 
 
 def run_arm(arm: str, task: str, robot: str, episodes: int, seed_start: int, vla_path: str,
-            wm_path: str | None, k: int, deadline_s: float, progress: bool = True) -> dict:
+            wm_path: str | None, k: int, deadline_s: float, progress: bool = True,
+            options: dict | None = None) -> dict:
     from tqdm import tqdm
 
     from vla_stack.planners import wrap_policy
@@ -31,7 +32,7 @@ def run_arm(arm: str, task: str, robot: str, episodes: int, seed_start: int, vla
     try:
         vla = load_vla_policy(vla_path, robot, async_inference=arm == "vla")
         policy = vla if arm == "vla" else wrap_policy("wm", vla, env, checkpoint=wm_path, k=k, mode=arm,
-                                                      deadline_s=deadline_s)
+                                                      deadline_s=deadline_s, **(options or {}))
         records, start = [], time.perf_counter()
         bar = tqdm(range(episodes), desc=f"{arm} {task}/{robot}", disable=not progress, unit="ep")
         for i in bar:
@@ -60,8 +61,14 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--deadline-ms", type=float, default=150.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="further wm planner option (as --planner-option of vla-stack eval), repeatable")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    bad = [o for o in args.option if "=" not in o]
+    if bad:
+        ap.error(f"--option takes KEY=VALUE, got {bad[0]!r}")
+    options = dict(o.split("=", 1) for o in args.option)
     torch.set_num_threads(args.threads)
     from vla_stack.paths import share_dir
 
@@ -69,13 +76,13 @@ def main() -> None:
     results = []
     for arm in args.arms.split(","):
         results.append(run_arm(arm, args.task, args.robot, args.episodes, args.seed_start, vla, args.wm, args.k,
-                               args.deadline_ms / 1e3))
+                               args.deadline_ms / 1e3, options=options))
         r = results[-1]
         print(f"{arm:10s} {r['successes']}/{r['episodes']} = {r['success_rate']:.1%} (95% CI {r['wilson_95'][0]:.1%}-"
               f"{r['wilson_95'][1]:.1%}) {r['wall_time_s']} s", flush=True)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"task": args.task, "robot": args.robot, "k": args.k,
+            args.json.write_text(json.dumps({"task": args.task, "robot": args.robot, "k": args.k, "options": options,
                                              "deadline_ms": args.deadline_ms, "results": results}, indent=1))
 
 

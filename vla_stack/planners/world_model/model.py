@@ -8,7 +8,9 @@
 Trained end to end with next-latent MSE (at a random offset inside the chunk, at the chunk end and one chunk
 further, through the predictor's own output) plus SIGReg on the embeddings (LeWorldModel's single
 regulariser: no EMA target, no stop-gradient, no reconstruction), value/progress regression on encoded and
-predicted latents, and the prior's Gaussian NLL on successful episodes' chunks.
+predicted latents, the prior's Gaussian NLL on successful episodes' chunks and, where the data has branched
+rollouts (several chunks tried from one saved state, each continued to an outcome), value regression on the
+latent each tried chunk is predicted to reach: the only signal that ranks chunks from the same state.
 
 The instruction is embedded by hashing its words into buckets (an EmbeddingBag): enough for templated task
 instructions ("pick up the red cube"); the latent itself describes the world, not the goal.
@@ -65,6 +67,7 @@ class WmConfig:
     value_weight: float = 1.0
     progress_weight: float = 0.5
     prior_weight: float = 0.05
+    branch_weight: float = 1.0  # value on predicted latents of branched rollouts (batch["branch"], when given)
 
     def __post_init__(self) -> None:
         self.cameras, self.channels = tuple(self.cameras), tuple(self.channels)
@@ -222,8 +225,16 @@ class WorldModel(nn.Module):
         prior_loss = (nll * w).sum() / w.sum().clamp_min(1.0)
         total = (pred_loss + cfg.sigreg_weight * reg + cfg.value_weight * v_loss + cfg.progress_weight * p_loss
                  + cfg.prior_weight * prior_loss)
-        return total, {"loss": total.detach(), "pred": pred_loss.detach(), "sigreg": reg.detach(),
-                       "value": v_loss.detach(), "progress": p_loss.detach(), "prior": prior_loss.detach()}
+        info = {"pred": pred_loss.detach(), "sigreg": reg.detach(), "value": v_loss.detach(),
+                "progress": p_loss.detach(), "prior": prior_loss.detach()}
+        if "branch" in batch:  # Q(z, chunk) = value(predict(z, chunk)): which chunk from this state is better
+            br = batch["branch"]
+            zb = self.predict(self.encode(br["images"], br["state"]), self.norm_action(br["actions"]))[:, -1]
+            logits = self.value_head(torch.cat([zb, self.embed_goal(br["instructions"])], -1))[:, 0]
+            b_loss = F.binary_cross_entropy_with_logits(logits, br["value"])
+            total = total + cfg.branch_weight * b_loss
+            info["branch"] = b_loss.detach()
+        return total, {"loss": total.detach(), **info}
 
 
 # ----------------------------------------------------------------------------------------------------------

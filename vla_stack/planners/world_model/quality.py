@@ -4,7 +4,9 @@ Open-loop latent error vs horizon h = 1..chunks*H steps: from z_t (encoded), rol
 the recorded actions (never re-encoding) and compare with the encoded z_{t+h}. The copy-last baseline predicts
 z_{t+h} = z_t. Errors are mean squared distances divided by the mean latent variance (so 1.0 = as far as two
 random latents are apart along each dim, on average). Also the collapse check: covariance spectrum of the
-held-out embeddings (sigreg.effective_rank), and value-head accuracy at telling success from failure."""
+held-out embeddings (sigreg.effective_rank), and value-head accuracy at telling success from failure.
+`branch_choice`: on held-out branched rollouts, how often the planner's one-step score picks a chunk that did
+succeed, against the first candidate, a random one and the best."""
 
 from __future__ import annotations
 
@@ -74,3 +76,36 @@ def prediction_quality(model, episodes, chunks: int = 2, stride: int = 2) -> dic
         "value_mean_success_episodes": round(float(v[y].mean()), 4) if y.any() else None,
         "value_mean_failed_episodes": round(float(v[~y].mean()), 4) if (~y).any() else None,
     }
+
+
+@torch.inference_mode()
+def branch_choice(model, episodes, progress_weight: float = 0.25) -> dict | None:
+    """Per branch point (K candidates tried from one state, collect_branched): the success of the candidate
+    best_of_k would pick (value + progress_weight * progress of its predicted latent) vs candidate 0 (the
+    VLA's own first sample), the mean over candidates (a random pick) and any (a perfect critic)."""
+    from vla_stack.planners.world_model.model import LatentSearchModel
+
+    picked, first, mean, best, mixed = [], [], [], [], 0
+    for ep in episodes:
+        groups: dict[int, list[dict]] = {}
+        for b in ep.branches:
+            groups.setdefault(b["t"], []).append(b)
+        if not groups:
+            continue
+        lsm = LatentSearchModel(model, model.embed_goal([ep.instruction]), progress_weight)
+        z = encode_episode(model, ep)
+        for t, group in sorted(groups.items()):
+            chunks = model.norm_action(torch.from_numpy(np.stack([b["chunk"] for b in group]))).numpy()
+            latents = np.repeat(z[t:t + 1].numpy(), len(group), 0)
+            scores = lsm.evaluate(lsm.dynamics(latents, chunks))
+            ok = np.array([b["success"] for b in group])
+            picked.append(ok[int(np.argmax(scores))])
+            first.append(ok[0])
+            mean.append(ok.mean())
+            best.append(ok.any())
+            mixed += 0 < ok.sum() < len(ok)
+    if not picked:
+        return None
+    return {"points": len(picked), "mixed_points": int(mixed),
+            **{f"success_{k}": round(float(np.mean(v)), 4)
+               for k, v in (("picked", picked), ("first", first), ("random", mean), ("best", best))}}

@@ -41,6 +41,7 @@ class TrainConfig:
     num_threads: int = 1
     max_minutes: float | None = None
     max_episodes_per_store: int | None = None
+    branch_batch_size: int = 32  # branched-rollout samples per step (stores of collect_branched; 0: ignore them)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class WmEpisode:
     success: bool
     source: str
     seed: int | None
+    branches: list[dict] = dataclasses.field(default_factory=list)  # collect_branched's tried candidates
 
 
 def targets(subtask_index: np.ndarray, n_subtasks: int, success: bool, gamma: float,
@@ -100,11 +102,26 @@ def load_episodes(paths: list[str], cfg: WmConfig, max_per_store: int | None = N
             value, prog = targets(np.asarray(data["subtask_index"]), len(meta.subtasks), success, cfg.gamma,
                                   meta.extra.get("success_step"))
             ep = WmEpisode(meta.instruction, images, data["state"].astype(np.float32),
-                           data["action"].astype(np.float32), value, prog, success, Path(path).name, meta.seed)
+                           data["action"].astype(np.float32), value, prog, success, Path(path).name, meta.seed,
+                           _branches(meta.extra.get("branches", []), len(data["action"]), cfg, path))
             (val if n % VAL_EVERY == VAL_EVERY - 1 else train).append(ep)
     if not train:
         raise VlaStackError("no training episodes in " + ", ".join(paths))
     return train, val
+
+
+def _branches(entries: list[dict], length: int, cfg: WmConfig, path: str) -> list[dict]:
+    """collect_branched's entries with their value target at the chunk's end (the latent the critic scores):
+    gamma**(steps from there to success), 0 for a failed branch."""
+    out = []
+    for b in entries:
+        chunk = np.asarray(b["chunk"], np.float32)
+        if chunk.shape != (cfg.chunk, cfg.action_dim) or not 0 <= b["t"] < length:
+            raise VlaStackError(f"{path}: a branch at t={b.get('t')} has a {chunk.shape} chunk, the world model "
+                                f"takes ({cfg.chunk}, {cfg.action_dim}) chunks")
+        value = cfg.gamma ** max(b["steps_to_success"] - cfg.chunk, 0) if b["success"] else 0.0
+        out.append({"t": int(b["t"]), "chunk": chunk, "value": np.float32(value), "success": bool(b["success"])})
+    return out
 
 
 class ChunkSampler:
@@ -126,11 +143,16 @@ class ChunkSampler:
         # every frame but the last of each episode can start a sample
         self.ep_of = np.concatenate([np.full(n - 1, i) for i, n in enumerate(lengths)])
         self.t_of = np.concatenate([np.arange(n - 1) for n in lengths])
+        branches = [(i, b) for i, e in enumerate(episodes) for b in e.branches]
+        self.branch_frame = np.array([self.start[i] + b["t"] for i, b in branches], dtype=np.int64)
+        self.branch_episode = np.array([i for i, _ in branches], dtype=np.int64)
+        self.branch_chunk = torch.from_numpy(np.stack([b["chunk"] for _, b in branches])) if branches else None
+        self.branch_value = torch.tensor([float(b["value"]) for _, b in branches])
 
     def __len__(self) -> int:
         return len(self.ep_of)
 
-    def batch(self, size: int, rng: np.random.Generator) -> dict:
+    def batch(self, size: int, rng: np.random.Generator, branch_size: int = 0) -> dict:
         H = self.cfg.chunk
         pick = rng.integers(0, len(self.ep_of), size)
         ep, t = self.ep_of[pick], self.t_of[pick]
@@ -143,7 +165,7 @@ class ChunkSampler:
         action_mask = steps <= last
         act_idx = self.start[ep][:, None] + np.minimum(steps, last)
         images = torch.from_numpy(self.images[frames.reshape(-1)]).view(size, 4, *self.images.shape[1:])
-        return {
+        out = {
             "images": images.permute(0, 1, 2, 5, 3, 4).float() / 255.0,
             "state": self.state[torch.from_numpy(frames)],
             "frame_mask": torch.from_numpy(frame_mask.astype(np.float32)),
@@ -155,6 +177,17 @@ class ChunkSampler:
             "prior_weight": torch.from_numpy(self.success[ep].astype(np.float32)),
             "instructions": [self.instructions[i] for i in ep],
         }
+        if branch_size and len(self.branch_frame):
+            pick = rng.integers(0, len(self.branch_frame), branch_size)
+            frames = self.branch_frame[pick]
+            out["branch"] = {
+                "images": torch.from_numpy(self.images[frames]).permute(0, 1, 4, 2, 3).float() / 255.0,
+                "state": self.state[torch.from_numpy(frames)],
+                "actions": self.branch_chunk[torch.from_numpy(pick)],
+                "value": self.branch_value[torch.from_numpy(pick)],
+                "instructions": [self.instructions[i] for i in self.branch_episode[pick]],
+            }
+        return out
 
 
 def load_yaml(path: str | Path) -> tuple[WmConfig, list[str], TrainConfig]:
@@ -189,7 +222,7 @@ def train_model(model: WorldModel, sampler: ChunkSampler, tc: TrainConfig, progr
     bar = tqdm(range(tc.steps), desc="train wm", disable=not progress, mininterval=10)
     running: dict[str, float] = {}
     for step in bar:
-        loss, info = model.loss(sampler.batch(tc.batch_size, rng), gen)
+        loss, info = model.loss(sampler.batch(tc.batch_size, rng, tc.branch_batch_size), gen)
         if not torch.isfinite(loss):
             raise VlaStackError(f"world-model loss became {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
@@ -227,6 +260,7 @@ def train(config: str | Path, progress: bool = True) -> dict:
     out = Path(tc.output_dir)
     meta = {"data": data, "train": dataclasses.asdict(tc), "train_episodes": len(train_eps),
             "val_episodes": len(val_eps), "train_frames": int(sum(len(e.action) for e in train_eps)),
+            "train_branches": int(sum(len(e.branches) for e in train_eps)),
             "parameters": param_count(model)}
     print(json.dumps(meta), flush=True)
 
@@ -234,9 +268,11 @@ def train(config: str | Path, progress: bool = True) -> dict:
         save_world_model(out, model, {**meta, "step": step, "last": history[-1] if history else {}})
 
     history = train_model(model, sampler, tc, progress, on_save=save)
-    from vla_stack.planners.world_model.quality import prediction_quality
+    from vla_stack.planners.world_model.quality import branch_choice, prediction_quality
 
     quality = prediction_quality(model, val_eps) if val_eps else None
+    if quality is not None:
+        quality["branch_choice"] = branch_choice(model, val_eps)
     meta.update(step=history[-1]["step"], last=history[-1], quality=quality)
     save_world_model(out, model, meta)
     (out / "history.json").write_text(json.dumps(history))

@@ -115,6 +115,15 @@ class VlaPolicy:
             del self._frames[:-max(self.config.memory_offsets) - 1]  # one frame per step, up to the oldest offset
         self._steps += 1
 
+    def memory_snapshot(self) -> dict:
+        """The video memory and step count: a planner that branches the episode (tries several futures from
+        one state, sampling through `batch`) restores them with restore_memory() before each branch."""
+        return {"frames": list(self._frames), "first_frame": self._first_frame, "steps": self._steps}
+
+    def restore_memory(self, snapshot: dict) -> None:
+        self._frames, self._first_frame = list(snapshot["frames"]), snapshot["first_frame"]
+        self._steps = snapshot["steps"]
+
     def _memory_images(self, obs: dict) -> np.ndarray:
         """(K, S, S, 3): the frame `offset` steps before the newest observed one, or the episode's first frame
         when the episode is younger than that (training clamps the same way)."""
