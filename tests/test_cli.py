@@ -48,6 +48,9 @@ def _cli(*args, **kwargs):
     (["eval", "--policy", "expert", "--task", "juggle", "--robot", "panda"], "unknown task 'juggle'"),
     (["collect", "--task", "pick", "--robot", "ur5", "--episodes", "1"], "unknown robot 'ur5'"),
     (["eval", "--policy", "/nonexistent/ckpt", "--task", "pick", "--robot", "panda"], "neither 'expert'"),
+    (["wm-collect", "--behaviour", "dance", "--store", "/nonexistent/x.zarr"], "unknown behaviour 'dance'"),
+    (["wm-collect", "--seed-start", "999999", "--episodes", "2", "--store", "/nonexistent/x.zarr"],
+     "training seeds must stay below 1000000"),
 ])
 def test_bad_names_give_one_line_errors(args, message):
     result = _cli(*args)
