@@ -18,14 +18,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
-
 import torch
+from tqdm import tqdm
 
 from vla_stack.data.collect import store_features
 from vla_stack.data.episode_store import EpisodeStore
 from vla_stack.errors import VlaStackError
 from vla_stack.evaluation import HELDOUT_SEED_START
+from vla_stack.planners.world_model.policy import sample_vla_chunks
 from vla_stack.sim.env import TabletopEnv
 from vla_stack.sim.tabletop import CAMERAS
 
@@ -94,7 +94,6 @@ def collect_branched(task: str, robot: str, vla_checkpoint: str | Path, store_pa
     candidate {t, chunk (chunk x action_dim, robot units), success, steps_to_success (from t)}, candidate 0 being
     the episode's own continuation. Branches are continued blind (cameras rendered only at decisions) unless the
     VLA has video memory."""
-    from vla_stack.planners.world_model.policy import sample_vla_chunks
     from vla_stack.policy.vla.runner import load_vla_policy
 
     if seed_start + episodes > HELDOUT_SEED_START:
@@ -162,8 +161,6 @@ def collect_branched(task: str, robot: str, vla_checkpoint: str | Path, store_pa
 def _try_branches(env: TabletopEnv, vla, chunks: np.ndarray, every_step: bool, seed: int) -> list[tuple]:
     """Each chunk from the current state, then the VLA to the episode's end: [(success, steps to success)].
     The env and the VLA's memory are back at the current state afterwards."""
-    from vla_stack.planners.world_model.policy import sample_vla_chunks
-
     env_snap, vla_snap = env.snapshot(), vla.memory_snapshot()
     t0, H = env.steps, len(chunks[0])
     generator = torch.Generator().manual_seed(seed)

@@ -117,8 +117,8 @@ def _branches(entries: list[dict], length: int, cfg: WmConfig, path: str) -> lis
     for b in entries:
         chunk = np.asarray(b["chunk"], np.float32)
         if chunk.shape != (cfg.chunk, cfg.action_dim) or not 0 <= b["t"] < length:
-            raise VlaStackError(f"{path}: a branch at t={b.get('t')} has a {chunk.shape} chunk, the world model "
-                                f"takes ({cfg.chunk}, {cfg.action_dim}) chunks")
+            raise VlaStackError(f"{path}: a branch at t={b['t']} (episode of {length} steps) has a {chunk.shape} "
+                                f"chunk; the world model takes ({cfg.chunk}, {cfg.action_dim}) chunks")
         value = cfg.gamma ** max(b["steps_to_success"] - cfg.chunk, 0) if b["success"] else 0.0
         out.append({"t": int(b["t"]), "chunk": chunk, "value": np.float32(value), "success": bool(b["success"])})
     return out
