@@ -68,10 +68,10 @@ def test_branched_collection_tries_every_candidate_and_leaves_the_episode_alone(
     from vla_stack.planners.world_model.train import load_episodes
 
     vla_path = share_dir("policies") / "vla_tiny"
-    for name, prob in (("plain", 0.0), ("branched", 1.0)):
+    for name, prob, before, points in (("plain", 0.0, None, 0), ("branched", 1.0, None, 2), ("early", 1.0, 8, 1)):
         r = collect_branched("pick", "panda", vla_path, tmp_path / f"{name}.zarr", 1, seed_start=7, k=3,
-                             branch_prob=prob, max_steps=16, progress=False)
-        assert r["branch_points"] == (2 if prob else 0)
+                             branch_prob=prob, branch_before=before, max_steps=16, progress=False)
+        assert r["branch_points"] == points
     plain, branched = EpisodeStore.open(tmp_path / "plain.zarr"), EpisodeStore.open(tmp_path / "branched.zarr")
     a, b = plain.read_episode(0), branched.read_episode(0)
     np.testing.assert_array_equal(a["action"], b["action"])
@@ -79,6 +79,7 @@ def test_branched_collection_tries_every_candidate_and_leaves_the_episode_alone(
     meta = branched.episode_meta(0)
     entries = meta.extra["branches"]
     assert [e["t"] for e in entries] == [0, 0, 0, 8, 8, 8]
+    assert [e["t"] for e in EpisodeStore.open(tmp_path / "early.zarr").episode_meta(0).extra["branches"]] == [0, 0, 0]
     np.testing.assert_allclose(entries[3]["chunk"], b["action"][8:16], atol=1e-5)  # candidate 0 was executed
     assert entries[0]["success"] == meta.success and not any(e["success"] for e in entries)  # 16 steps: no pick
     assert len({str(e["chunk"]) for e in entries[:3]}) == 3

@@ -29,6 +29,8 @@ def wm_collect_command(
     seed_start: int = typer.Option(0, help="First seed (training seeds stay below 1,000,000)."),
     k: int = typer.Option(8, help="branched: VLA samples per decision."),
     branch_prob: float = typer.Option(0.2, help="branched: probability that a decision is branched."),
+    branch_before: Optional[int] = typer.Option(None, help="branched: branch only decisions before this step "
+                                                "(late decisions of a lost episode all fail alike)."),
     threads: int = typer.Option(1, help="torch threads."),
 ) -> None:
     """Non-expert episodes for world-model training: failures, and (branched) outcomes of different chunks
@@ -41,7 +43,8 @@ def wm_collect_command(
     torch.set_num_threads(threads)
     vla_path = vla or share_dir("policies") / "vla_tiny"
     if behaviour == "branched":
-        result = collect_branched(task, robot, vla_path, store, episodes, seed_start, k=k, branch_prob=branch_prob)
+        result = collect_branched(task, robot, vla_path, store, episodes, seed_start, k=k, branch_prob=branch_prob,
+                                  branch_before=branch_before)
     else:
         result = collect_rollouts(task, robot, behaviour, vla_path, store, episodes, seed_start)
     print(json.dumps(result, indent=2))
