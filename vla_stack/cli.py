@@ -72,6 +72,9 @@ def collect(
     pause_steps: Optional[int] = typer.Option(None, help="Run the subtask executor one subtask at a time, the next "
                                                          "handed over up to this many steps after the previous one "
                                                          "finished, as the MEM planner runs a low level."),
+    learner: Optional[str] = typer.Option(None, help="A VLA checkpoint that runs the subtasks first; the subtask "
+                                                     "executor takes over at a random step and its corrections "
+                                                     "are what training imitates (needs --pause-steps)."),
 ) -> None:
     """Record scripted-expert demonstrations into a crash-safe zarr episode store."""
     from vla_stack.data.collect import collect as run_collect, default_store_path
@@ -86,7 +89,7 @@ def collect(
     path = store or default_store_path(resolve_data_dir(data_dir), task, robot)
     result = run_collect(task, robot, episodes, path, seed_start=seed_start, image_size=image_size,
                          keep_failures=keep_failures, arm_noise=arm_noise, tail_steps=tail_steps,
-                         pause_steps=pause_steps)
+                         pause_steps=pause_steps, learner=learner)
     console.print(f"{result['saved']} episodes added to {result['store']} ({result['episodes_in_store']} in store, "
                   f"{result['expert_failures']} expert failures discarded)")
 

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from vla_stack.data.episode_store import EpisodeStore
 from vla_stack.errors import VlaStackError
-from vla_stack.policy.scripted import ScriptedExpert
+from vla_stack.policy.scripted import CLOSED, OPEN, ScriptedExpert
 from vla_stack.sim.env import TabletopEnv
 from vla_stack.sim.robots import TABLE_Z
 from vla_stack.sim.tabletop import CAMERAS
@@ -92,20 +92,78 @@ class SubtaskHandOff:
         return min(max(self.handed, 0), len(subtasks) - 1)
 
 
+class LearnerTakeover:
+    """Correction data in the HG-DAgger way (Kelly et al., 2019): a learned low level runs the subtasks it is
+    handed until a random step, then the subtask executor takes over from whatever state the learner left (a
+    missed grasp, a cube dropped short of the bowl) and finishes the episode. Demos alone never show the
+    expert getting out of the learner's own mistakes. The learner's frames stay in the episode, since the video
+    memory looks back at them, but their actions are not the expert's: `takeover_step` (the episode meta's
+    `learner_steps`) is how many leading frames training must not imitate. Takeover steps are uniform over the
+    first `max_fraction` of the episode's step limit, so the states a failing learner lingers in get most."""
+
+    accepts_done = True
+
+    def __init__(self, env: TabletopEnv, learner, max_fraction: float = 0.6):
+        from vla_stack.planners.mem.policy import SubtaskExpert
+
+        if not 0.0 < max_fraction <= 1.0:
+            raise VlaStackError(f"takeover fraction must be in (0, 1], got {max_fraction}")
+        self.env, self.learner, self.max_fraction = env, learner, max_fraction
+        self.expert = SubtaskExpert(env)
+        self._instruction: str | None = None
+
+    def reset(self, seed: int) -> None:
+        self.learner.reset(seed=seed)
+        self.expert.reset(seed=seed)
+        self.park_position = self.expert.park_position.copy()
+        limit = max(2, int(self.max_fraction * self.env.max_steps))
+        self.takeover_step = int(np.random.default_rng([seed, 11]).integers(1, limit))
+        self.learning = True
+        self._instruction = None
+        self._gripper = OPEN
+
+    @property
+    def instruction(self) -> str | None:
+        return self._instruction
+
+    @instruction.setter
+    def instruction(self, text: str | None) -> None:
+        from vla_stack.planners.mem.memory import DONE
+
+        self._instruction = text
+        if text != DONE:  # as the planner does: a learner that does not accept 'done' keeps its last subtask
+            self.learner.instruction = text
+        if not self.learning:
+            self.expert.instruction = text
+
+    def select_action(self, obs: dict) -> np.ndarray:
+        if self.learning and self.env.steps >= self.takeover_step:
+            self.learning = False
+            self.expert.reset()  # plans from here: the arm where the learner left it, no script running
+            self.expert.park_position = self.park_position
+            self.expert.grip = self._gripper  # a cube the learner holds stays held
+            self.expert.instruction = self._instruction
+        action = (self.learner if self.learning else self.expert).select_action(obs)
+        self._gripper = CLOSED if action[-1] > 0.5 else OPEN
+        return action
+
+
 def default_store_path(data_dir: Path, task: str, robot: str) -> Path:
     return data_dir / "datasets" / f"{task}-{robot}.zarr"
 
 
 def collect(task: str, robot: str, episodes: int, store_path: Path, seed_start: int = 0, image_size: int = 128,
             keep_failures: bool = False, progress: bool = True, arm_noise: float = 0.0, tail_steps: int = 0,
-            pause_steps: int | None = None) -> dict:
+            pause_steps: int | None = None, learner: str | None = None) -> dict:
     """Append `episodes` expert demonstrations. Seeds continue after the highest seed already in the store, so
     an interrupted collection resumes without duplicating scenes. `arm_noise` > 0 (rad) disturbs the executed
     arm targets (ArmDisturbance); recorded actions stay the expert's. `tail_steps` > 0 keeps recording that many
     steps after success: the success detector fires the moment the fingers leave the cube, so without a tail a
     demo never shows the gripper opening fully and the arm backing off (episode meta `success_step` marks
     where the task was done). `pause_steps` (0 or more) runs the subtask executor one subtask at a time
-    (SubtaskHandOff) instead of the flat expert."""
+    (SubtaskHandOff) instead of the flat expert. `learner` (a VLA checkpoint; needs `pause_steps`) records
+    takeover episodes (LearnerTakeover): the learner runs first, the subtask executor finishes; episodes the
+    learner finished alone before the takeover teach nothing and are skipped like failures."""
     if episodes < 1:
         raise VlaStackError("--episodes must be at least 1")
     if tail_steps < 0:
@@ -114,13 +172,21 @@ def collect(task: str, robot: str, episodes: int, store_path: Path, seed_start: 
         raise VlaStackError(f"--pause-steps must be >= 0, got {pause_steps}")
     if not np.isfinite(arm_noise) or arm_noise < 0:
         raise VlaStackError(f"--arm-noise must be a finite angle >= 0 (rad), got {arm_noise}")
+    if learner is not None and (pause_steps is None or arm_noise > 0):
+        raise VlaStackError("--learner needs --pause-steps (the learner gets one subtask at a time, as under the "
+                            "planner) and no --arm-noise")
     env = TabletopEnv(task, robot, image_size=image_size, cameras=CAMERAS)
     try:
         store = EpisodeStore.open_or_create(store_path, robot=robot, fps=int(env.control_hz),
                                             features=store_features(env))
         used = [meta.seed for i in store.episode_indices() if (meta := store.episode_meta(i)).seed is not None]
         seed = max(seed_start, max(used, default=seed_start - 1) + 1)
-        expert = SubtaskHandOff(env, pause_steps) if pause_steps is not None else ScriptedExpert(env)
+        if learner is not None:
+            from vla_stack.evaluation import load_policy
+
+            expert = SubtaskHandOff(env, pause_steps, LearnerTakeover(env, load_policy(learner, env)))
+        else:
+            expert = SubtaskHandOff(env, pause_steps) if pause_steps is not None else ScriptedExpert(env)
         saved = attempts = failures = 0
         bar = tqdm(total=episodes, desc=f"collect {task}/{robot}", disable=not progress, unit="ep")
         while saved < episodes:
@@ -147,6 +213,7 @@ def _record_episode(env: TabletopEnv, expert: ScriptedExpert | SubtaskHandOff, s
     expert.reset(seed=seed)
     handoff = expert if isinstance(expert, SubtaskHandOff) else None
     extra = {"executor": "subtask", "pause_steps": handoff.pause_steps} if handoff else {}
+    takeover = handoff.expert if handoff and isinstance(handoff.expert, LearnerTakeover) else None
     with store.begin_episode(instruction=env.instruction, subtasks=info["subtasks"], task=env.family.name,
                              seed=seed) as writer:
         done = False
@@ -164,6 +231,9 @@ def _record_episode(env: TabletopEnv, expert: ScriptedExpert | SubtaskHandOff, s
             tail += success_step is not None and success_step < env.steps
             done = truncated or (success_step is not None and tail >= tail_steps)
         success = success_step is not None and bool(info["success"])  # a tail that undid the goal is a failure
+        if takeover is not None:
+            success = success and not takeover.learning
+            extra.update(executor="learner-takeover", learner_steps=takeover.takeover_step)
         if success or keep_failures:
             writer.commit(success=success, extra={"steps": env.steps, "clipped_actions": info["clipped_actions"],
                                                   "arm_noise": disturb.sigma if disturb else 0.0,

@@ -37,6 +37,9 @@ class Episode:
     # Per-frame instruction: the episode's instruction, or for SUBTASK_FAMILIES the frame's subtask text
     # (those long-horizon tasks run under a planner that hands the low level one subtask at a time).
     texts: list[str] | None = None
+    # Leading frames whose actions are not to be imitated: a learner ran them before the expert took over
+    # (collect --learner); they stay as video-memory context.
+    learn_from: int = 0
 
     def frame_texts(self) -> list[str]:
         return self.texts if self.texts is not None else [self.instruction] * len(self.action)
@@ -207,7 +210,8 @@ def load_store(path: str | Path, cameras: tuple[str, ...], image_size: int) -> l
             aux = (np.stack([labels[:, i] if i is not None else np.zeros_like(labels[:, 0]) for i in order], 1),
                    np.stack([mask[:, i] if i is not None else np.zeros_like(mask[:, 0]) for i in order], 1), until)
         episodes.append(Episode(store.robot, meta.instruction, images, state, action,
-                                *(aux or (None, None, None)), texts=texts))
+                                *(aux or (None, None, None)), texts=texts,
+                                learn_from=int(meta.extra.get("learner_steps", 0))))
     return episodes
 
 
@@ -236,7 +240,8 @@ def dataset_stats(episodes: list[Episode]) -> dict:
 
 class ChunkDataset:
     """Every frame of every episode is a sample: its images, state, instruction and the next chunk_size
-    actions. Chunks running past the episode end repeat the last action and are masked out of the loss."""
+    actions. Chunks running past the episode end repeat the last action and are masked out of the loss; frames
+    before an episode's `learn_from` are context only (`trainable` lists the samples to draw)."""
 
     def __init__(self, episodes: list[Episode], config: VlaConfig, normalizer: Normalizer):
         if not episodes:
@@ -247,7 +252,7 @@ class ChunkDataset:
         self.instructions = sorted({t for e in episodes for t in e.frame_texts()})
         text_id = {t: i for i, t in enumerate(self.instructions)}
         states, actions, steps_mask, dims_mask, emb, instr, aux, aux_mask = [], [], [], [], [], [], [], []
-        frame, until = [], []
+        frame, until, trainable = [], [], []
         for e in episodes:
             T, D = e.action.shape
             if D != len(config.embodiments.get(e.robot, ())):
@@ -257,6 +262,7 @@ class ChunkDataset:
             idx = np.minimum(np.arange(T)[:, None] + np.arange(H)[None], T - 1)
             actions.append(act[idx])
             steps_mask.append((np.arange(T)[:, None] + np.arange(H)[None] < T).astype(np.float32))
+            trainable.append(np.arange(T) >= e.learn_from)
             states.append(pad(normalizer.normalize(e.robot, "state", e.state), S))
             dims_mask.append(np.repeat(dim_mask(D, A)[None], T, 0))
             emb.append(np.full(T, config.embodiment_id(e.robot)))
@@ -277,6 +283,9 @@ class ChunkDataset:
         self.labelled_episodes = sum(e.aux_mask is not None for e in episodes)
         self.frame = torch.from_numpy(np.concatenate(frame)).long()  # index of each sample in its episode
         self.cube_until = torch.from_numpy(np.concatenate(until)).long()
+        self.trainable = torch.from_numpy(np.flatnonzero(np.concatenate(trainable)))
+        if len(self.trainable) == 0:
+            raise VlaStackError("no training frames: every frame comes before its episode's expert takeover")
 
     def __len__(self) -> int:
         return len(self.states)

@@ -212,7 +212,7 @@ def train(config_path: str | Path, resume: bool = False, progress: bool = True,
             time_fraction = float(frac.item())
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg, time_fraction)
-        idx = torch.randint(len(data), (cfg.batch_size,), generator=generator)
+        idx = data.trainable[torch.randint(len(data.trainable), (cfg.batch_size,), generator=generator)]
         batch = {k: (v.to(device) if torch.is_tensor(v) else {n: t.to(device) for n, t in v.items()})
                  for k, v in data.batch(idx, model.backbone, cfg.image_shift, generator).items()}
         loss, logs = trainer(batch, noise_samples=cfg.noise_samples)
