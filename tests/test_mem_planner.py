@@ -520,6 +520,7 @@ def test_false_alarms_do_not_hold_off_the_stall_replan(text):
         [(0, False, False), (1, False, True), (2, False, True), (3, False, True), (4, True, False)]
     assert trace[1]["decoded"] == [second, memory.label(0)] and trace[1]["subtask"] == first
     assert trace[4]["memory_in"] == memory.label(0) and trace[4]["completed"] is None  # no scene attached
+    assert trace[4]["p_done"] == 0.9  # what the completion head said, kept for calibrating the stall rule
 
 
 def test_no_completion_call_sooner_than_the_shortest_subtask(text):

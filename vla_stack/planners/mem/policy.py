@@ -284,7 +284,8 @@ class MemPlanner:
             ep["subtask_correct"] += raw_subtask in self.scene.valid_next(done)  # the decoder's own outputs
             ep["memory_correct"] += canonical(raw_memory) == canonical(self.scene.label_set(done))
         trace = {"step": step, "stall": stall, "false_alarm": False, "memory_in": previous,
-                 "decoded": [raw_subtask, raw_memory], "completed": None if done is None else sorted(done)}
+                 "decoded": [raw_subtask, raw_memory], "completed": None if done is None else sorted(done),
+                 "p_done": round(float(stale[0]), 4)}  # the completion head on the kept memory
         ep["trace"].append(trace)
         if (self.use_memory and not stall and previous != EMPTY and self.subtask not in (None, DONE)
                 and (canonical(memory) == canonical(previous) or records_outcome(memory, self.subtask) is False)):
