@@ -52,6 +52,7 @@ def test_takeover_episode_trains_only_on_the_frames_after_the_takeover(tmp_path)
     result = collect("restore", "panda", 1, path, seed_start=SEED, image_size=64, progress=False, pause_steps=10,
                      learner="vla_mem_tiny")
     assert result["saved"] == 1
+    assert result["attempts"] == 1 + result["expert_failures"] + result["learner_finished_alone"]
     store = EpisodeStore.open(path)
     meta = store.episode_meta(0)
     k = meta.extra["learner_steps"]

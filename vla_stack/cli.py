@@ -91,7 +91,8 @@ def collect(
                          keep_failures=keep_failures, arm_noise=arm_noise, tail_steps=tail_steps,
                          pause_steps=pause_steps, learner=learner)
     console.print(f"{result['saved']} episodes added to {result['store']} ({result['episodes_in_store']} in store, "
-                  f"{result['expert_failures']} expert failures discarded)")
+                  f"{result['expert_failures']} expert failures discarded"
+                  + (f", {result['learner_finished_alone']} finished by the learner alone" if learner else "") + ")")
 
 
 def _key_values(items: list[str]) -> dict[str, str]:

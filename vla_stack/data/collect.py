@@ -187,15 +187,18 @@ def collect(task: str, robot: str, episodes: int, store_path: Path, seed_start: 
             expert = SubtaskHandOff(env, pause_steps, LearnerTakeover(env, load_policy(learner, env)))
         else:
             expert = SubtaskHandOff(env, pause_steps) if pause_steps is not None else ScriptedExpert(env)
-        saved = attempts = failures = 0
+        saved = attempts = failures = learner_alone = 0
         bar = tqdm(total=episodes, desc=f"collect {task}/{robot}", disable=not progress, unit="ep")
         while saved < episodes:
             if attempts >= 3 * episodes + 10:
-                raise VlaStackError(f"expert failed {failures} of {attempts} episodes; stopping collection")
+                raise VlaStackError(f"expert failed {failures} of {attempts} episodes ({learner_alone} finished by the "
+                                f"learner alone); stopping collection")
             disturb = ArmDisturbance(arm_noise, seed) if arm_noise > 0 else None
             success = _record_episode(env, expert, store, seed, keep_failures, disturb, tail_steps)
             attempts += 1
-            failures += not success
+            alone = learner is not None and expert.expert.learning  # finished before the takeover came
+            learner_alone += alone
+            failures += not success and not alone
             saved += success or keep_failures
             seed += 1
             bar.update(int(success or keep_failures))
@@ -204,7 +207,7 @@ def collect(task: str, robot: str, episodes: int, store_path: Path, seed_start: 
     finally:
         env.close()
     return {"store": str(store_path), "saved": saved, "attempts": attempts, "expert_failures": failures,
-            "episodes_in_store": len(store)}
+            "learner_finished_alone": learner_alone, "episodes_in_store": len(store)}
 
 
 def _record_episode(env: TabletopEnv, expert: ScriptedExpert | SubtaskHandOff, store: EpisodeStore, seed: int,
