@@ -426,7 +426,7 @@ def test_chunk_mode_asks_for_a_new_chunk_only_when_the_subtask_changes(text):
 
     model = ScriptedOutputs(MemConfig(**TINY), text=text)
     low = LowLevel()
-    planner = MemPlanner(low, None, model, check_every=1, min_subtask_steps=0)
+    planner = MemPlanner(low, None, model, check_every=1, min_subtask_steps=0, grasp_gate=False)
     task = generate("sort", PANDA, 1)
     memory = TaskMemory(task, PANDA)
     first, second = task.subtasks[0].text, task.subtasks[1].text
@@ -528,7 +528,7 @@ def test_no_completion_call_sooner_than_the_shortest_subtask(text):
     subtask done: the head is not consulted until `min_subtask_steps` after the last accepted call. Carrying (the
     holding gate winds the stall clock on) and false alarms do not restart that wait."""
     model, planner, task, memory, image = scripted_sort_planner(text, check_every=1, replan_steps=12,
-                                                                min_subtask_steps=10)
+                                                                min_subtask_steps=10, grasp_gate=False)
     first, second, third = task.subtask_texts
     model.set_outputs(first, memory.label(0))
     assert planner.update(image, task.instruction, gripper=0.0)  # step 0
@@ -701,12 +701,64 @@ def test_no_call_while_the_gripper_holds_a_cube(text):
     assert planner.update(image, task.instruction, gripper=0.02) and planner.subtask == second  # let go
     # Without the gate (holding_closure None) the same carried cube is recorded at once.
     ungated = MemPlanner(None, None, model, check_every=1, replan_steps=4, holding_closure=None,
-                         min_subtask_steps=0)
+                         min_subtask_steps=0, grasp_gate=False)
     ungated.set_scene(task, PANDA)
     model.set_outputs(first, memory.label(0))
     ungated.update(image, task.instruction, gripper=0.0)
     model.set_outputs(second, memory.label(1))
     assert ungated.update(image, task.instruction, gripper=0.46) and ungated.subtask == second
+
+
+def test_no_outcome_without_a_grasp(text):
+    """A cube pushed against its bin or missed in the grasp looks sorted in the front image: an outcome of the
+    running subtask is adopted only if the gripper held something since that subtask began. A stall re-plan
+    without that evidence re-issues the running subtask, a completion call is a false alarm; closing on nothing
+    (the measured empty close of the panda hand) is no evidence."""
+    model, planner, task, memory, image = scripted_sort_planner(text, check_every=1, replan_steps=8,
+                                                                holding_closure=None)
+    first, second, third = task.subtask_texts
+    model.set_outputs(first, memory.label(0))
+    assert planner.update(image, task.instruction, gripper=0.0)  # step 0
+    model.set_outputs(second, memory.label(1), completion=0.0)  # the decoder reads the first cube as sorted
+    for closure in (0.26, 0.59, 0.8, 0.91, 0.96, 0.99, 1.0):  # steps 1-7: an empty close, the head silent
+        assert not planner.update(image, task.instruction, gripper=closure)
+    assert planner.update(image, task.instruction, gripper=1.0)  # step 8: the stall re-plan
+    assert (planner.memory, planner.subtask) == (memory.label(0), first)  # re-issued, nothing recorded
+    last = planner.episode_metrics()["calls"][-1]
+    assert (last["stall"], last["ungrasped"], last["held"]) == (True, True, False)
+    for closure in (0.3, 0.46, 0.46, 0.46, 0.46, 0.1, 0.0):  # steps 9-15: grasped, carried, let go
+        assert not planner.update(image, task.instruction, gripper=closure)
+    model.set_outputs(first, memory.label(0), completion=0.0)  # the outcome missed at the stall re-plan:
+    assert planner.update(image, task.instruction, gripper=0.0) and planner.subtask == first  # step 16, re-issued
+    model.set_outputs(second, memory.label(1), completion=1.0)
+    assert planner.update(image, task.instruction, gripper=0.0)  # step 17: the grasp before the stall counts
+    assert (planner.memory, planner.subtask) == (memory.label(1), second)
+    assert planner.episode_metrics()["calls"][-1]["held"]
+    model.set_outputs(third, memory.label(2))  # evidence is per subtask: the next outcome needs its own grasp
+    assert planner.update(image, task.instruction, gripper=0.0)  # step 18
+    last = planner.episode_metrics()["calls"][-1]
+    assert (last["false_alarm"], last["ungrasped"]) == (True, True) and planner.memory == memory.label(1)
+    assert planner.episode_metrics()["ungrasped_outcomes"] == 2 and planner.summary()["grasp_gate"]
+    # A subtask left at a stall re-plan (its outcome missed) and re-issued later keeps the grasp it had.
+    model, planner = scripted_sort_planner(text, check_every=1, replan_steps=8, holding_closure=None)[:2]
+    model.set_outputs(first, memory.label(0), completion=0.0)
+    planner.update(image, task.instruction, gripper=0.0)  # step 0
+    for closure in (0.46, 0.46, 0.46, 0.46, 0.0, 0.0, 0.0):  # steps 1-7: the first cube carried and let go
+        planner.update(image, task.instruction, gripper=closure)
+    model.set_outputs(second, memory.label(0), completion=0.0)
+    assert planner.update(image, task.instruction, gripper=0.0) and planner.subtask == second  # step 8: missed
+    for _ in range(7):  # steps 9-15: nothing grasped
+        planner.update(image, task.instruction, gripper=0.0)
+    model.set_outputs(first, memory.label(0), completion=0.0)
+    assert planner.update(image, task.instruction, gripper=0.0) and planner.subtask == first  # step 16: back
+    model.set_outputs(second, memory.label(1), completion=1.0)
+    assert planner.update(image, task.instruction, gripper=0.0) and planner.memory == memory.label(1)
+    # Without a gripper reading (a node with no joint states) there is no evidence to ask for.
+    model, blind = scripted_sort_planner(text, check_every=1)[:2]
+    model.set_outputs(first, memory.label(0))
+    assert blind.update(image, task.instruction)
+    model.set_outputs(second, memory.label(1))
+    assert blind.update(image, task.instruction) and blind.memory == memory.label(1)
 
 
 def test_failure_breakdown_by_first_high_level_error(tmp_path):

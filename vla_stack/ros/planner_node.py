@@ -45,13 +45,16 @@ class PlannerNode(Node):
                                                        "(a cube still held cannot be placed yet; negative = off)", True)
         min_subtask = param(self, "min_subtask_steps", 40, "Control periods after an accepted call before the "
                                                            "completion head is consulted again", True)
+        grasp_gate = param(self, "grasp_gate", True, "Adopt a subtask's outcome only if the gripper held something "
+                                                     "while that subtask ran", True)
         rate = param(self, "control_rate", 10.0, "Control periods per second (the policy's rate)", True)
         self.camera = param(self, "camera", "front", "Camera the high level sees", True)
         model = load_model(checkpoint or default_checkpoint())  # CheckpointError -> one-line error, exit 2
         threshold, confirm = trigger_settings(model, threshold or None, confirm or None)
         self.planner = MemPlanner(None, None, model, use_memory=use_memory, check_every=check_every,
                                   replan_steps=replan_steps, threshold=threshold, confirm=confirm,
-                                  holding_closure=holding if holding >= 0 else None, min_subtask_steps=min_subtask)
+                                  holding_closure=holding if holding >= 0 else None, min_subtask_steps=min_subtask,
+                                  grasp_gate=grasp_gate)
         self.planner.warn = lambda message: self.get_logger().warning(message)
         self._lock = threading.Lock()
         self._image: Image | None = None

@@ -14,6 +14,12 @@ Control loop per step:
   subtask gets re-planned);
 - while the gripper is closed (closure above `holding_closure`) no call of either kind: every sort/restore
   subtask ends with the cube let go, so nothing can have finished yet;
+- no outcome of the running subtask is adopted unless the gripper held something while the subtask ran
+  (closure steady inside `HELD_CLOSURE` for `HELD_STEPS` steps; closing on nothing passes through that band in a
+  step or two; a subtask left at a stall re-plan and re-issued later keeps its evidence): every sort/restore
+  subtask is a grasp, and a cube pushed against its bin or missed in the grasp looks sorted in the 128 px front
+  image. A stall re-plan without that evidence re-issues the running subtask; a completion call without it is a
+  false alarm (`grasp_gate=off` turns this off);
 - `memory=off` (the ablation) feeds the empty memory to the model and calls it every `check_every` steps, since
   without memory there is nothing to be stale against.
 A call decodes (subtask, memory). A memory string that is not well formed for the scene is logged and reset to
@@ -50,6 +56,9 @@ from vla_stack.sim.tasks import TaskInstance
 
 log = logging.getLogger("vla_stack.planners.mem")
 TRACE_CALLS = 1000  # per-call records kept per episode (a node left running on a real arm must not grow)
+HELD_CLOSURE = (0.2, 0.8)  # gripper closure on a cube (panda 0.46, so101 0.50); empty closed is ~1.0
+HELD_STEPS = 3  # consecutive steps steady (change < HELD_STEADY) inside that band
+HELD_STEADY = 0.02
 
 
 class SubtaskExpert(ScriptedExpert):
@@ -123,7 +132,7 @@ class MemPlanner:
     def __init__(self, policy, env, model: HighLevelModel, use_memory: bool = True, check_every: int = 5,
                  replan_steps: int = 100, threshold: float = 0.5, low_level: str | None = None, confirm: int = 1,
                  settle: int = 0, stall_threshold: float = 0.5, holding_closure: float | None = 0.25,
-                 min_subtask_steps: int = 40):
+                 min_subtask_steps: int = 40, grasp_gate: bool = True):
         if check_every < 1 or replan_steps < 1 or confirm < 1 or settle < 0 or min_subtask_steps < 0:
             raise VlaStackError("check_every, replan_steps and confirm must be at least 1, settle and "
                                 "min_subtask_steps at least 0")
@@ -132,6 +141,9 @@ class MemPlanner:
         self.confirm, self.settle, self.min_subtask_steps = confirm, settle, min_subtask_steps
         self.stall_threshold = stall_threshold
         self.holding_closure = holding_closure
+        self.grasp_gate = grasp_gate
+        self._grasped: set[str] = set()  # subtasks during which the gripper held something
+        self._blind, self._grip_prev, self._grip_steady = False, None, 0
         self._settle_at: int | None = None
         self._positives = 0
         self.policy, self.env, self.model = policy, env, model
@@ -158,7 +170,7 @@ class MemPlanner:
     def _new_episode() -> dict:
         return {"steps": 0, "calls": 0, "checks": 0, "subtask_correct": 0, "memory_correct": 0, "invalid_memory": 0,
                 "invalid_subtask": 0, "stall_calls": 0, "false_alarms": 0, "misread_memories": 0, "missed_boundaries": 0,
-                "holding_steps": 0, "trace": deque(maxlen=TRACE_CALLS)}
+                "holding_steps": 0, "ungrasped_outcomes": 0, "trace": deque(maxlen=TRACE_CALLS)}
 
     # -- policy interface ---------------------------------------------------------------------------------
     def reset(self, seed: int | None = None) -> None:
@@ -205,6 +217,8 @@ class MemPlanner:
         self._known_done = 0
         self._pending_boundary = None
         self._positives, self._settle_at = 0, None
+        self._grasped.clear()
+        self._blind, self._grip_prev, self._grip_steady = False, None, 0
 
     def update(self, image: np.ndarray, goal: str, gripper: float | None = None) -> bool:
         """One control step of the high level; True when it was called (subtask and memory were rewritten).
@@ -215,6 +229,7 @@ class MemPlanner:
         ep = self._episode
         step = ep["steps"]
         self._track_boundaries(step)
+        self._track_grasp(gripper)
         holding = (self.holding_closure is not None and gripper is not None and self._last_call is not None
                    and float(gripper) > self.holding_closure)
         if holding:
@@ -250,6 +265,21 @@ class MemPlanner:
         ep["steps"] += 1
         return call
 
+    def _track_grasp(self, gripper: float | None) -> None:
+        if gripper is None:  # no gripper reading (a node without joint states): no evidence to ask for
+            self._blind = True
+            return
+        g = float(gripper)
+        steady = self._grip_prev is not None and abs(g - self._grip_prev) < HELD_STEADY
+        self._grip_steady = self._grip_steady + 1 if steady and HELD_CLOSURE[0] < g < HELD_CLOSURE[1] else 0
+        if self._grip_steady >= HELD_STEPS and self.subtask:
+            self._grasped.add(self.subtask)
+        self._grip_prev = g
+
+    def _held(self) -> bool:
+        """Whether the running subtask may have an outcome: the gripper held something while it ran."""
+        return self._blind or self.subtask in self._grasped
+
     # -- the high level ------------------------------------------------------------------------------------
     def _call(self, image: np.ndarray, goal: str, step: int, stall: bool = False) -> None:
         ep = self._episode
@@ -272,6 +302,11 @@ class MemPlanner:
             if memory != previous:
                 subtask = self.model.generate(images, [goal], [model_context(memory, self.subtask)
                                                                 if self.running_input else memory])[0][0]
+        ungrasped = (self.grasp_gate and self.use_memory and not self._held() and self.subtask not in (None, DONE)
+                     and records_outcome(memory, self.subtask) and not records_outcome(previous, self.subtask))
+        if ungrasped:  # nothing was carried since this subtask began: it cannot be done yet
+            ep["ungrasped_outcomes"] += 1
+            memory, subtask = previous, self.subtask
         self.call_ms.append((time.perf_counter() - start) * 1000)
         ep["calls"] += 1
         last_call, self._last_call = self._last_call, step
@@ -285,7 +320,8 @@ class MemPlanner:
             ep["memory_correct"] += canonical(raw_memory) == canonical(self.scene.label_set(done))
         trace = {"step": step, "stall": stall, "false_alarm": False, "memory_in": previous,
                  "decoded": [raw_subtask, raw_memory], "completed": None if done is None else sorted(done),
-                 "p_done": round(float(stale[0]), 4)}  # the completion head on the kept memory
+                 "p_done": round(float(stale[0]), 4),  # the completion head on the kept memory
+                 "held": self._held(), "ungrasped": bool(ungrasped)}  # grasp evidence, and whether it blocked
         ep["trace"].append(trace)
         if (self.use_memory and not stall and previous != EMPTY and self.subtask not in (None, DONE)
                 and (canonical(memory) == canonical(previous) or records_outcome(memory, self.subtask) is False)):
@@ -353,7 +389,7 @@ class MemPlanner:
         self.episodes += 1
         for key in ("steps", "calls", "checks", "subtask_correct", "memory_correct", "invalid_memory",
                     "invalid_subtask", "stall_calls", "false_alarms", "misread_memories", "missed_boundaries",
-                    "holding_steps"):
+                    "holding_steps", "ungrasped_outcomes"):
             self.totals[key] = self.totals.get(key, 0) + ep[key]
 
     def episode_metrics(self) -> dict:
@@ -365,7 +401,7 @@ class MemPlanner:
         calls = max(1, ep["calls"])
         return {
             "high_level_calls": ep["calls"], "completion_checks": ep["checks"], "stall_calls": ep["stall_calls"],
-            "holding_steps": ep["holding_steps"],
+            "holding_steps": ep["holding_steps"], "ungrasped_outcomes": ep["ungrasped_outcomes"],
             "false_alarms": ep["false_alarms"], "misread_memories": ep["misread_memories"],
             "subtask_accuracy": round(ep["subtask_correct"] / calls, 4),
             "memory_exact_match": round(ep["memory_correct"] / calls, 4),
@@ -392,6 +428,7 @@ class MemPlanner:
             "high_level_calls": int(t.get("calls", 0)), "completion_checks": int(t.get("checks", 0)),
             "stall_calls": int(t.get("stall_calls", 0)), "false_alarms": int(t.get("false_alarms", 0)),
             "holding_closure": self.holding_closure, "holding_steps": int(t.get("holding_steps", 0)),
+            "grasp_gate": self.grasp_gate, "ungrasped_outcomes": int(t.get("ungrasped_outcomes", 0)),
             "misread_memories": int(t.get("misread_memories", 0)),
             "steps": int(t.get("steps", 0)),
             "calls_per_episode": round(t.get("calls", 0) / max(1, self.episodes), 2),
@@ -509,19 +546,21 @@ def trigger_settings(model, threshold=None, confirm=None) -> tuple[float, int]:
 
 def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_every=5, replan_steps=100,
                 threshold=None, confirm=None, settle=0, high_level="model", stall_threshold=0.5,
-                holding_closure="0.25", min_subtask_steps=40, **unknown) -> MemPlanner | OracleHighLevel:
+                holding_closure="0.25", min_subtask_steps=40, grasp_gate="on",
+                **unknown) -> MemPlanner | OracleHighLevel:
     """The `--planner mem` entry point (see vla_stack.planners.wrap_policy). Options arrive as strings from the
     command line: memory=on|off, check_every=N, replan_steps=N, threshold=P, settle=N (steps from the head firing
     to the call), confirm=N (consecutive positive completion checks before a call); threshold and confirm default
     to the checkpoint's; stall_threshold=P, the completion probability at which a stall re-plan adds the running
     subtask's outcome to an unchanged memory; holding_closure=C, the gripper closure above which no call is made
     (off: no gate); min_subtask_steps=N, steps after an accepted call before the completion head is consulted
-    again. high_level=oracle replaces the model by OracleHighLevel
+    again; grasp_gate=on|off, whether an outcome needs the gripper to have held something while its subtask
+    ran. high_level=oracle replaces the model by OracleHighLevel
     (evaluation only)."""
     if unknown:
         raise VlaStackError(f"unknown mem planner option(s) {sorted(unknown)} "
                             "(known: memory, check_every, replan_steps, threshold, confirm, settle, stall_threshold, "
-                            "holding_closure, min_subtask_steps, high_level)")
+                            "holding_closure, min_subtask_steps, grasp_gate, high_level)")
     if high_level not in ("model", "oracle"):
         raise VlaStackError(f"planner option high_level must be model or oracle, got {high_level!r}")
     if high_level == "oracle":
@@ -547,4 +586,4 @@ def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_
     return MemPlanner(policy, env, model, use_memory=use_memory, check_every=check_every,
                       replan_steps=replan_steps, threshold=threshold, low_level=low_level, confirm=confirm,
                       settle=settle, stall_threshold=stall_threshold, holding_closure=holding_closure,
-                      min_subtask_steps=min_subtask_steps)
+                      min_subtask_steps=min_subtask_steps, grasp_gate=_flag(grasp_gate, "grasp_gate"))
