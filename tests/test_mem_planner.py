@@ -711,7 +711,7 @@ def test_no_call_while_the_gripper_holds_a_cube(text):
 
 def test_no_outcome_without_a_grasp(text):
     """A cube pushed against its bin or missed in the grasp looks sorted in the front image: an outcome of the
-    running subtask is adopted only if the gripper held something since that subtask began. A stall re-plan
+    running subtask is adopted only if the gripper held something while that subtask ran. A stall re-plan
     without that evidence re-issues the running subtask, a completion call is a false alarm; closing on nothing
     (the measured empty close of the panda hand) is no evidence."""
     model, planner, task, memory, image = scripted_sort_planner(text, check_every=1, replan_steps=8,
