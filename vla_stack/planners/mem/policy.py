@@ -304,7 +304,7 @@ class MemPlanner:
                                                                 if self.running_input else memory])[0][0]
         ungrasped = (self.grasp_gate and self.use_memory and not self._held() and self.subtask not in (None, DONE)
                      and records_outcome(memory, self.subtask) and not records_outcome(previous, self.subtask))
-        if ungrasped:  # nothing was carried since this subtask began: it cannot be done yet
+        if ungrasped:  # nothing was held while this subtask ran: it cannot be done yet
             ep["ungrasped_outcomes"] += 1
             memory, subtask = previous, self.subtask
         self.call_ms.append((time.perf_counter() - start) * 1000)
