@@ -175,10 +175,6 @@ def joint_positions(msg: JointState, names: Sequence[str]) -> tuple[np.ndarray, 
     return q, v
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def run(make_node: Callable[[], Node]) -> None:
     """Body of every node's main(): spin on a SingleThreadedExecutor until SIGINT/SIGTERM, then stop the node's
     threads before the ROS context goes away. Bad configuration (VlaStackError, a parameter of the wrong type)
@@ -192,16 +188,29 @@ def run(make_node: Callable[[], Node]) -> None:
     sys.setswitchinterval(2e-4)
     # Own signal handling: rclpy's handler would invalidate the context while worker threads still publish.
     rclpy.init(args=sys.argv, signal_handler_options=SignalHandlerOptions.NO)
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    # A signal while spinning only sets a flag that the spin loop checks every 0.1 s: raised from the handler, a
+    # KeyboardInterrupt can land inside rclpy's pybind11 calls, which turn it into a RuntimeError (seen in CI:
+    # "Unable to convert call argument '0'" from take_message at teardown, exit code 1).
+    stopping = threading.Event()
+
+    def interrupt(signum, frame):
+        if not spinning:  # still building the node (loading a checkpoint): nothing of rclpy's on the stack
+            raise KeyboardInterrupt
+        stopping.set()
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     node = None
+    spinning = False
     executor = SingleThreadedExecutor()
     code = 0
     try:
         node = make_node()
         freeze_heap()
         executor.add_node(node)
-        executor.spin()
+        spinning = True
+        while not stopping.is_set():
+            executor.spin_once(timeout_sec=0.1)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (VlaStackError, ParameterException) as exc:  # bad configuration: one line, no traceback
