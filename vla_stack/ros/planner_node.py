@@ -35,7 +35,7 @@ class PlannerNode(Node):
         checkpoint = param(self, "checkpoint", "", "High-level checkpoint directory ('' = the shipped mem_tiny)", True)
         use_memory = param(self, "memory", True, "Feed the memory back to the high level (false = the ablation)",
                            True)
-        check_every = param(self, "check_every", 5, "Run the completion head every N control periods", True)
+        check_every = param(self, "check_every", 1, "Run the completion head every N control periods", True)
         replan_steps = param(self, "replan_steps", 100, "Call the high level after N periods without a call", True)
         threshold = param(self, "threshold", 0.0, "Completion probability that triggers a high-level call "
                                                   "(0 = the checkpoint's)", True)

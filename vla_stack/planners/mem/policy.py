@@ -3,7 +3,8 @@ policy runs the subtask text as its instruction.
 
 Control loop per step:
 - step 0 (memory empty) -> high-level call;
-- every `check_every` steps -> completion head only (encoder, no decoding): "the memory is stale" -> call;
+- every `check_every` steps -> completion head only (encoder, no decoding): "the memory is stale" -> call
+  (default every step: the low level takes a subtask handed over late worse, see `make_policy`);
 - no completion check sooner than `min_subtask_steps` after the last accepted call: no subtask of these tasks
   (grasp, carry, let go) finishes faster, and right after a call the arm still hangs over the cube it just let
   go of, which the head read as the *new* subtask done (default 40, the VLA's fastest subtask under the oracle;
@@ -129,7 +130,7 @@ class MemPlanner:
     """Wraps a low-level policy (or, with policy=None and env=None, runs the high level alone, as the ROS
     planner node does: `set_scene`, then `update(image, goal)` each control step)."""
 
-    def __init__(self, policy, env, model: HighLevelModel, use_memory: bool = True, check_every: int = 5,
+    def __init__(self, policy, env, model: HighLevelModel, use_memory: bool = True, check_every: int = 1,
                  replan_steps: int = 100, threshold: float = 0.5, low_level: str | None = None, confirm: int = 1,
                  settle: int = 0, stall_threshold: float = 0.5, holding_closure: float | None = 0.25,
                  min_subtask_steps: int = 40, grasp_gate: bool = True):
@@ -544,12 +545,13 @@ def trigger_settings(model, threshold=None, confirm=None) -> tuple[float, int]:
             int(saved.get("confirm", 1) if confirm is None else confirm))
 
 
-def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_every=5, replan_steps=100,
+def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_every=1, replan_steps=100,
                 threshold=None, confirm=None, settle=0, high_level="model", stall_threshold=0.5,
                 holding_closure="0.25", min_subtask_steps=40, grasp_gate="on",
                 **unknown) -> MemPlanner | OracleHighLevel:
     """The `--planner mem` entry point (see vla_stack.planners.wrap_policy). Options arrive as strings from the
-    command line: memory=on|off, check_every=N, replan_steps=N, threshold=P, settle=N (steps from the head firing
+    command line: memory=on|off, check_every=N (default 1: the low level finishes fewer put-backs handed over
+    later; the head costs ~5 ms a step), replan_steps=N, threshold=P, settle=N (steps from the head firing
     to the call), confirm=N (consecutive positive completion checks before a call); threshold and confirm default
     to the checkpoint's; stall_threshold=P, the completion probability at which a stall re-plan adds the running
     subtask's outcome to an unchanged memory; holding_closure=C, the gripper closure above which no call is made
