@@ -15,7 +15,7 @@ from vla_stack.planners.mem.data import DropInjector, build_samples, collect_mem
 from vla_stack.planners.mem.memory import (EMPTY, InvalidMemoryError, TaskMemory, advance_memory, is_memory_text,
                                            is_subtask_text, records_outcome)
 from vla_stack.planners.mem.model import CheckpointError, HighLevelModel, MemConfig, MiniLMText, load_model
-from vla_stack.planners.mem.policy import MemPlanner, SubtaskExpert, make_policy
+from vla_stack.planners.mem.policy import RECENT_RELEASE, MemPlanner, SubtaskExpert, make_policy
 from vla_stack.planners.mem.train import SampleSet, fit
 from vla_stack.policy.scripted import ScriptedExpert
 from vla_stack.sim.env import TabletopEnv
@@ -694,10 +694,10 @@ def test_no_call_while_the_gripper_holds_a_cube(text):
     model.set_outputs(first, memory.label(0))
     assert planner.update(image, task.instruction, gripper=0.0) and planner.subtask == first
     model.set_outputs(second, memory.label(1))  # the head would fire and the decoder claim the cube is in
-    for _ in range(10):  # carried: closed on the cube, well past replan_steps
+    for _ in range(14):  # carried: closed on the cube, well past replan_steps
         assert not planner.update(image, task.instruction, gripper=0.46)
     assert planner.subtask == first and planner.memory == memory.label(0)
-    assert planner.episode_metrics()["holding_steps"] == 10
+    assert planner.episode_metrics()["holding_steps"] == 14
     assert planner.update(image, task.instruction, gripper=0.02) and planner.subtask == second  # let go
     # Without the gate (holding_closure None) the same carried cube is recorded at once.
     ungated = MemPlanner(None, None, model, check_every=1, replan_steps=4, holding_closure=None,
@@ -713,9 +713,9 @@ def test_no_outcome_without_a_grasp(text):
     """A cube pushed against its bin or missed in the grasp looks sorted in the front image: an outcome of the
     running subtask is adopted only if the gripper held something while that subtask ran. A stall re-plan
     without that evidence re-issues the running subtask, a completion call is a false alarm; closing on nothing
-    (the measured empty close of the panda hand) is no evidence."""
+    (the measured empty close of the panda hand) is no evidence. (carry_steps 1: the carries here are short.)"""
     model, planner, task, memory, image = scripted_sort_planner(text, check_every=1, replan_steps=8,
-                                                                holding_closure=None)
+                                                                holding_closure=None, carry_steps=1)
     first, second, third = task.subtask_texts
     model.set_outputs(first, memory.label(0))
     assert planner.update(image, task.instruction, gripper=0.0)  # step 0
@@ -740,7 +740,8 @@ def test_no_outcome_without_a_grasp(text):
     assert (last["false_alarm"], last["ungrasped"]) == (True, True) and planner.memory == memory.label(1)
     assert planner.episode_metrics()["ungrasped_outcomes"] == 2 and planner.summary()["grasp_gate"]
     # A subtask left at a stall re-plan (its outcome missed) and re-issued later keeps the grasp it had.
-    model, planner = scripted_sort_planner(text, check_every=1, replan_steps=8, holding_closure=None)[:2]
+    model, planner = scripted_sort_planner(text, check_every=1, replan_steps=8, holding_closure=None,
+                                           carry_steps=1)[:2]
     model.set_outputs(first, memory.label(0), completion=0.0)
     planner.update(image, task.instruction, gripper=0.0)  # step 0
     for closure in (0.46, 0.46, 0.46, 0.46, 0.0, 0.0, 0.0):  # steps 1-7: the first cube carried and let go
@@ -759,6 +760,34 @@ def test_no_outcome_without_a_grasp(text):
     assert blind.update(image, task.instruction)
     model.set_outputs(second, memory.label(1))
     assert blind.update(image, task.instruction) and blind.memory == memory.label(1)
+
+
+def test_head_overrules_a_misread_completion_call_right_after_a_carry(text):
+    """Over the VLA the decoder mostly names another cube when the running one reached its bin (86-90% of the
+    completion calls it missed, held-out sort): right after a real carry (held >= carry_steps, let go within
+    RECENT_RELEASE steps) the completion head decides, as at a stall. A brief grasp (a cube knocked or dropped
+    on the way, the other 10-14%: carried 6 steps median against 21) or a release long ago stays a false alarm."""
+    def carry_then_call(steps_held: int, wait: int):
+        model, planner, task, memory, image = scripted_sort_planner(text, check_every=1)
+        first, second, third = task.subtask_texts
+        model.set_outputs(first, memory.label(0), completion=0.0)
+        assert planner.update(image, task.instruction, gripper=0.0)  # step 0
+        for _ in range(steps_held):  # carried (no calls while the gripper is closed)
+            assert not planner.update(image, task.instruction, gripper=0.46)
+        for _ in range(wait):  # let go, the head quiet
+            assert not planner.update(image, task.instruction, gripper=0.0)
+        model.set_outputs(first, memory.label_set({1}), completion=0.9)  # the second cube named, not the first
+        assert planner.update(image, task.instruction, gripper=0.0)
+        return planner, memory, first, planner.episode_metrics()["calls"][-1]
+
+    planner, memory, first, call = carry_then_call(steps_held=20, wait=3)
+    assert planner.memory == memory.label(1) and not call["false_alarm"]  # the running cube's outcome
+    assert (call["carried_steps"], call["since_held"]) == (17, 4)  # counted once steady for HELD_STEPS steps
+    for steps_held, wait in ((8, 3), (20, RECENT_RELEASE + 1)):
+        planner, memory, first, call = carry_then_call(steps_held, wait)
+        assert (planner.memory, planner.subtask, call["false_alarm"]) == (memory.label(0), first, True)
+    with pytest.raises(VlaStackError, match="head_decides"):
+        scripted_sort_planner(text, head_decides="all")
 
 
 def test_failure_breakdown_by_first_high_level_error(tmp_path):

@@ -47,6 +47,11 @@ class PlannerNode(Node):
                                                            "completion head is consulted again", True)
         grasp_gate = param(self, "grasp_gate", True, "Adopt a subtask's outcome only if the gripper held something "
                                                      "while that subtask ran", True)
+        carry_steps = param(self, "carry_steps", 10, "Control periods the gripper must hold something for a "
+                                                     "subtask's outcome to count", True)
+        head_decides = param(self, "head_decides", "carried", "Calls at which the completion head overrules a "
+                                                              "memory that misses the running subtask's outcome: "
+                                                              "stall, or carried (also right after a carry)", True)
         rate = param(self, "control_rate", 10.0, "Control periods per second (the policy's rate)", True)
         self.camera = param(self, "camera", "front", "Camera the high level sees", True)
         model = load_model(checkpoint or default_checkpoint())  # CheckpointError -> one-line error, exit 2
@@ -54,7 +59,7 @@ class PlannerNode(Node):
         self.planner = MemPlanner(None, None, model, use_memory=use_memory, check_every=check_every,
                                   replan_steps=replan_steps, threshold=threshold, confirm=confirm,
                                   holding_closure=holding if holding >= 0 else None, min_subtask_steps=min_subtask,
-                                  grasp_gate=grasp_gate)
+                                  grasp_gate=grasp_gate, carry_steps=carry_steps, head_decides=head_decides)
         self.planner.warn = lambda message: self.get_logger().warning(message)
         self._lock = threading.Lock()
         self._image: Image | None = None

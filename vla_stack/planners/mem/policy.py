@@ -15,20 +15,25 @@ Control loop per step:
   subtask gets re-planned);
 - while the gripper is closed (closure above `holding_closure`) no call of either kind: every sort/restore
   subtask ends with the cube let go, so nothing can have finished yet;
-- no outcome of the running subtask is adopted unless the gripper held something while the subtask ran
-  (closure steady inside `HELD_CLOSURE` for `HELD_STEPS` steps; closing on nothing passes through that band in a
-  step or two; a subtask left at a stall re-plan and re-issued later keeps its evidence): every sort/restore
-  subtask is a grasp, and a cube pushed against its bin or missed in the grasp looks sorted in the 128 px front
-  image. A stall re-plan without that evidence re-issues the running subtask; a completion call without it is a
-  false alarm (`grasp_gate=off` turns this off);
+- no outcome of the running subtask is adopted unless the gripper carried something while the subtask ran
+  (closure steady inside `HELD_CLOSURE`, `carry_steps` steps in all once steady for `HELD_STEPS`; closing on
+  nothing passes through that band in a step or two, a real carry to a bin holds 18-37 steps (p10-p90 over the
+  VLA), a cube knocked or dropped on the way 2-19; a subtask left at a stall re-plan and re-issued later keeps its
+  evidence): every sort/restore subtask is a grasp, and a cube pushed against its bin or missed in the grasp looks
+  sorted in the 128 px front image. A stall re-plan without that evidence re-issues the running subtask; a
+  completion call without it is a false alarm (`grasp_gate=off` turns this off);
 - `memory=off` (the ablation) feeds the empty memory to the model and calls it every `check_every` steps, since
   without memory there is nothing to be stale against.
 A call decodes (subtask, memory). A memory string that is not well formed for the scene is logged and reset to
 the empty memory; an invalid subtask keeps the previous one. A completion-triggered call is a false alarm when its
 memory brings no new outcome or does not record the running subtask as done (it names another cube: a misread
 image, e.g. red for orange at 128 px): memory and subtask stay as they were, since switching to another equally
-valid one (sort: any unsorted cube) would abandon a cube mid-carry. Stall re-plans may switch. The low level
-gets the subtask text through its `instruction` attribute (VlaPolicy uses it instead of obs["instruction"]).
+valid one (sort: any unsorted cube) would abandon a cube mid-carry. Stall re-plans may switch. Except right after
+a carry (`head_decides=carried`, the default: carried for `carry_steps`, let go within RECENT_RELEASE steps):
+there the decoder naming another cube was mostly a misread colour (the running cube was in its bin at 86-90% of
+such calls over the VLA, held-out sort), so the completion head decides between the kept memory and the running
+subtask's outcome added, as at a stall re-plan. The low level gets the subtask text through its `instruction`
+attribute (VlaPolicy uses it instead of obs["instruction"]).
 
 Scoring (privileged, for evaluation only): at every call the prediction is compared with the environment's
 current subtask and the programmatic memory label of the subtasks done so far.
@@ -59,6 +64,7 @@ log = logging.getLogger("vla_stack.planners.mem")
 TRACE_CALLS = 1000  # per-call records kept per episode (a node left running on a real arm must not grow)
 HELD_CLOSURE = (0.2, 0.8)  # gripper closure on a cube (panda 0.46, so101 0.50); empty closed is ~1.0
 HELD_STEPS = 3  # consecutive steps steady (change < HELD_STEADY) inside that band
+RECENT_RELEASE = 40  # steps: a completion call overruled by the head needs the cube let go of this recently
 HELD_STEADY = 0.02
 
 
@@ -133,7 +139,8 @@ class MemPlanner:
     def __init__(self, policy, env, model: HighLevelModel, use_memory: bool = True, check_every: int = 1,
                  replan_steps: int = 100, threshold: float = 0.5, low_level: str | None = None, confirm: int = 1,
                  settle: int = 0, stall_threshold: float = 0.5, holding_closure: float | None = 0.25,
-                 min_subtask_steps: int = 40, grasp_gate: bool = True):
+                 min_subtask_steps: int = 40, grasp_gate: bool = True, head_decides: str = "carried",
+                 carry_steps: int = 10):
         if check_every < 1 or replan_steps < 1 or confirm < 1 or settle < 0 or min_subtask_steps < 0:
             raise VlaStackError("check_every, replan_steps and confirm must be at least 1, settle and "
                                 "min_subtask_steps at least 0")
@@ -141,9 +148,15 @@ class MemPlanner:
             raise VlaStackError(f"stall_threshold must be a probability, got {stall_threshold}")
         self.confirm, self.settle, self.min_subtask_steps = confirm, settle, min_subtask_steps
         self.stall_threshold = stall_threshold
+        if head_decides not in ("stall", "carried"):
+            raise VlaStackError(f"head_decides must be stall or carried, got {head_decides!r}")
+        if carry_steps < 1:
+            raise VlaStackError(f"carry_steps must be at least 1, got {carry_steps}")
+        self.head_decides, self.carry_steps = head_decides, carry_steps
         self.holding_closure = holding_closure
         self.grasp_gate = grasp_gate
-        self._grasped: set[str] = set()  # subtasks during which the gripper held something
+        self._carried: dict[str, int] = {}  # per subtask text: steps the gripper held something while it ran
+        self._last_held: int | None = None  # the last step the gripper held something
         self._blind, self._grip_prev, self._grip_steady = False, None, 0
         self._settle_at: int | None = None
         self._positives = 0
@@ -218,7 +231,8 @@ class MemPlanner:
         self._known_done = 0
         self._pending_boundary = None
         self._positives, self._settle_at = 0, None
-        self._grasped.clear()
+        self._carried.clear()
+        self._last_held = None
         self._blind, self._grip_prev, self._grip_steady = False, None, 0
 
     def update(self, image: np.ndarray, goal: str, gripper: float | None = None) -> bool:
@@ -274,12 +288,19 @@ class MemPlanner:
         steady = self._grip_prev is not None and abs(g - self._grip_prev) < HELD_STEADY
         self._grip_steady = self._grip_steady + 1 if steady and HELD_CLOSURE[0] < g < HELD_CLOSURE[1] else 0
         if self._grip_steady >= HELD_STEPS and self.subtask:
-            self._grasped.add(self.subtask)
+            self._carried[self.subtask] = self._carried.get(self.subtask, 0) + 1
+            self._last_held = self._episode["steps"]
         self._grip_prev = g
 
     def _held(self) -> bool:
         """Whether the running subtask may have an outcome: the gripper held something while it ran."""
-        return self._blind or self.subtask in self._grasped
+        return self._blind or self._carried.get(self.subtask, 0) >= self.carry_steps
+
+    def _just_released(self, step: int) -> bool:
+        """The running subtask carried a cube and let go of it within RECENT_RELEASE steps (never without a gripper
+        reading: no evidence, no overruling)."""
+        return (not self._blind and self._carried.get(self.subtask, 0) >= self.carry_steps
+                and self._last_held is not None and step - self._last_held <= RECENT_RELEASE)
 
     # -- the high level ------------------------------------------------------------------------------------
     def _call(self, image: np.ndarray, goal: str, step: int, stall: bool = False) -> None:
@@ -292,12 +313,13 @@ class MemPlanner:
         raw_subtask, raw_memory = subtask, memory
         previous = self.memory
         advanced = advance_memory(previous, self.subtask) if self.use_memory else None
-        if stall and advanced is not None and canonical(memory) != canonical(advanced):
-            # A stall re-plan whose memory is unchanged or names an outcome the running subtask cannot have
-            # produced (a misread image): the completion head on the kept memory decides, at its own 0.5, between
-            # "nothing new" and "the running subtask is done" (the debounced trigger guards against firing
-            # mid-carry; after `replan_steps` the subtask has long stopped moving), and the subtask is decoded
-            # again from that memory.
+        head_decides = stall or (self.head_decides == "carried" and self._just_released(step))
+        if head_decides and advanced is not None and canonical(memory) != canonical(advanced):
+            # A stall re-plan, or a completion call right after a carry, whose memory is unchanged or names an
+            # outcome the running subtask cannot have produced (a misread image): the completion head on the kept
+            # memory decides, at its own 0.5, between "nothing new" and "the running subtask is done" (the debounced
+            # trigger guards against firing mid-carry; after `replan_steps` the subtask has long stopped moving),
+            # and the subtask is decoded again from that memory.
             ep["misread_memories"] += canonical(memory) != canonical(previous)
             memory = advanced if float(stale[0]) > self.stall_threshold else previous
             if memory != previous:
@@ -322,7 +344,9 @@ class MemPlanner:
         trace = {"step": step, "stall": stall, "false_alarm": False, "memory_in": previous,
                  "decoded": [raw_subtask, raw_memory], "completed": None if done is None else sorted(done),
                  "p_done": round(float(stale[0]), 4),  # the completion head on the kept memory
-                 "held": self._held(), "ungrasped": bool(ungrasped)}  # grasp evidence, and whether it blocked
+                 "held": self._held(), "ungrasped": bool(ungrasped),  # grasp evidence, and whether it blocked
+                 "carried_steps": self._carried.get(self.subtask, 0),
+                 "since_held": None if self._last_held is None else step - self._last_held}
         ep["trace"].append(trace)
         if (self.use_memory and not stall and previous != EMPTY and self.subtask not in (None, DONE)
                 and (canonical(memory) == canonical(previous) or records_outcome(memory, self.subtask) is False)):
@@ -547,8 +571,8 @@ def trigger_settings(model, threshold=None, confirm=None) -> tuple[float, int]:
 
 def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_every=1, replan_steps=100,
                 threshold=None, confirm=None, settle=0, high_level="model", stall_threshold=0.5,
-                holding_closure="0.25", min_subtask_steps=40, grasp_gate="on",
-                **unknown) -> MemPlanner | OracleHighLevel:
+                holding_closure="0.25", min_subtask_steps=40, grasp_gate="on", head_decides="carried",
+                carry_steps=10, **unknown) -> MemPlanner | OracleHighLevel:
     """The `--planner mem` entry point (see vla_stack.planners.wrap_policy). Options arrive as strings from the
     command line: memory=on|off, check_every=N (default 1: the low level finishes fewer put-backs handed over
     later; the head costs ~5 ms a step), replan_steps=N, threshold=P, settle=N (steps from the head firing
@@ -557,12 +581,13 @@ def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_
     subtask's outcome to an unchanged memory; holding_closure=C, the gripper closure above which no call is made
     (off: no gate); min_subtask_steps=N, steps after an accepted call before the completion head is consulted
     again; grasp_gate=on|off, whether an outcome needs the gripper to have held something while its subtask
-    ran. high_level=oracle replaces the model by OracleHighLevel
-    (evaluation only)."""
+    ran for carry_steps=N steps; head_decides=stall|carried, which calls let the completion head overrule a
+    decoded memory that misses the running subtask's outcome (carried: completion calls right after a carry too).
+    high_level=oracle replaces the model by OracleHighLevel (evaluation only)."""
     if unknown:
         raise VlaStackError(f"unknown mem planner option(s) {sorted(unknown)} "
                             "(known: memory, check_every, replan_steps, threshold, confirm, settle, stall_threshold, "
-                            "holding_closure, min_subtask_steps, grasp_gate, high_level)")
+                            "holding_closure, min_subtask_steps, grasp_gate, head_decides, carry_steps, high_level)")
     if high_level not in ("model", "oracle"):
         raise VlaStackError(f"planner option high_level must be model or oracle, got {high_level!r}")
     if high_level == "oracle":
@@ -571,7 +596,7 @@ def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_
         return OracleHighLevel(policy, env)
     try:
         check_every, replan_steps, settle = int(check_every), int(replan_steps), int(settle)
-        min_subtask_steps = int(min_subtask_steps)
+        min_subtask_steps, carry_steps = int(min_subtask_steps), int(carry_steps)
         threshold = None if threshold is None else float(threshold)
         stall_threshold = float(stall_threshold)
         holding_closure = None if str(holding_closure).lower() == "off" else float(holding_closure)
@@ -588,4 +613,5 @@ def make_policy(policy, env, checkpoint: Path | None = None, memory="on", check_
     return MemPlanner(policy, env, model, use_memory=use_memory, check_every=check_every,
                       replan_steps=replan_steps, threshold=threshold, low_level=low_level, confirm=confirm,
                       settle=settle, stall_threshold=stall_threshold, holding_closure=holding_closure,
-                      min_subtask_steps=min_subtask_steps, grasp_gate=_flag(grasp_gate, "grasp_gate"))
+                      min_subtask_steps=min_subtask_steps, grasp_gate=_flag(grasp_gate, "grasp_gate"),
+                      head_decides=str(head_decides), carry_steps=carry_steps)
