@@ -769,7 +769,7 @@ def test_head_overrules_a_misread_completion_call_right_after_a_carry(text):
     on the way, the other 10-14%: carried 6 steps median against 21) or a release long ago stays a false alarm."""
     def carry_then_call(steps_held: int, wait: int):
         model, planner, task, memory, image = scripted_sort_planner(text, check_every=1)
-        first, second, third = task.subtask_texts
+        first = task.subtask_texts[0]
         model.set_outputs(first, memory.label(0), completion=0.0)
         assert planner.update(image, task.instruction, gripper=0.0)  # step 0
         for _ in range(steps_held):  # carried (no calls while the gripper is closed)

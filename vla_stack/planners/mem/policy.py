@@ -293,7 +293,8 @@ class MemPlanner:
         self._grip_prev = g
 
     def _held(self) -> bool:
-        """Whether the running subtask may have an outcome: the gripper held something while it ran."""
+        """Whether the running subtask may have an outcome: the gripper held something for `carry_steps` while it
+        ran."""
         return self._blind or self._carried.get(self.subtask, 0) >= self.carry_steps
 
     def _just_released(self, step: int) -> bool:
