@@ -796,7 +796,7 @@ def test_failure_breakdown_by_first_high_level_error(tmp_path):
     from typer.testing import CliRunner
 
     from vla_stack.cli import app
-    from vla_stack.planners.mem.failures import LOW_LEVEL, MISSED, RECORDED, failure_breakdown
+    from vla_stack.planners.mem.failures import LOW_LEVEL, MISSED, RECORDED, failure_breakdown, handover_delays
 
     sort, restore = TaskMemory(generate("sort", PANDA, 1), PANDA), TaskMemory(generate("restore", PANDA, 2), PANDA)
 
@@ -820,6 +820,17 @@ def test_failure_breakdown_by_first_high_level_error(tmp_path):
     restore_record = {"task": "restore", "robot": "panda",
                       "per_episode": [episode(2, [call(0, restore.label(0), []), call(60, wrong_region, [0])])]}
     assert failure_breakdown(restore_record)["by_first_error"] == {LOW_LEVEL: 1}
+    assert failure_breakdown(restore_record)["per_failure"][0]["handover_delays"] is None  # an older record
+    # Handover delays: the scene finished its first subtask at step 30 and its second at 90; the memory recorded
+    # them at 60 (30 steps late) and never; a false alarm's memory does not count.
+    late = episode(2, [call(0, restore.label(0), []), call(60, restore.label(1), [0])])
+    late["planner"]["scene_completions"] = [30, 90]
+    result = failure_breakdown({"task": "restore", "robot": "panda", "per_episode": [late]})
+    assert result["per_failure"][0]["handover_delays"] == [30, None]
+    assert result["low_level_after_late_handover"] == 1
+    subtasks = [s.text for s in generate("restore", PANDA, 2).subtasks]
+    false_alarm = {**call(40, restore.label(1), [0]), "false_alarm": True}
+    assert handover_delays([false_alarm, call(45, restore.label(1), [0])], [30], subtasks) == [15]
     (tmp_path / "eval.json").write_text(json.dumps(record))
     out = CliRunner().invoke(app, ["mem", "failures", str(tmp_path / "eval.json"), "--json", str(tmp_path / "f.json")])
     assert out.exit_code == 0 and "3 of 4 episodes failed" in out.output

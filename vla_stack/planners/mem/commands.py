@@ -90,7 +90,7 @@ def failures_command(
     completion call or a stall re-plan; none: the low level failed under a right memory), from the per-call
     traces of an evaluation record."""
     from vla_stack.errors import VlaStackError
-    from vla_stack.planners.mem.failures import failure_breakdown
+    from vla_stack.planners.mem.failures import LATE_HANDOVER, failure_breakdown
 
     try:
         result = failure_breakdown(json.loads(record.read_text()))
@@ -99,6 +99,10 @@ def failures_command(
     print(f"{result['task']}/{result['robot']}: {result['failures']} of {result['episodes']} episodes failed")
     for kind, count in result["by_first_error"].items():
         print(f"{count:5d}  {kind}")
+    if result["low_level_after_late_handover"]:
+        late = result["low_level_after_late_handover"]
+        print(f"       of the low level: {late} with a subtask handed over more than {LATE_HANDOVER} steps after the "
+              "scene finished the previous one")
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2) + "\n")

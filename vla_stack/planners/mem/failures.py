@@ -3,7 +3,10 @@
 defects. Per failed episode, the first call whose kept memory disagrees with the scene's completed subtasks
 decides: an outcome recorded that did not happen, an outcome missed, or none (the memory was right at every
 call, so the low level failed). Outcomes are read off the memory by grammar (`records_outcome`), so restore's
-start-region wording, which the low level never sees, does not count as an error."""
+start-region wording, which the low level never sees, does not count as an error. Each failure also gets its
+handover delays (steps from the scene finishing its k-th subtask to the first accepted call whose memory records
+k outcomes): the low level takes a subtask handed over late worse, so a "low level" failure with a late handover
+is partly the high level's timing."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from vla_stack.sim.robots import get_robot
 from vla_stack.sim.tasks import generate
 
 RECORDED, MISSED, LOW_LEVEL = "outcome recorded that did not happen", "outcome missed", "low level"
+LATE_HANDOVER = 20  # steps: the low level's demos pause at most this long after a subtask (collect --pause-steps)
 
 
 def claimed_outcomes(memory: str, subtasks: list[str]) -> set[int]:
@@ -36,6 +40,17 @@ def first_error(calls: list[dict], subtasks: list[str]) -> dict:
     return {"kind": LOW_LEVEL, "step": None, "call": None}
 
 
+def handover_delays(calls: list[dict], completions: list[int], subtasks: list[str]) -> list[int | None]:
+    """Per scene completion (the step it first had k subtasks done), the steps until the first accepted call whose
+    memory records k outcomes; None where none did."""
+    delays = []
+    for k, done_at in enumerate(completions, 1):
+        caught = next((call["step"] for call in calls if call["step"] >= done_at and not call.get("false_alarm")
+                       and len(claimed_outcomes(call["memory"], subtasks)) >= k), None)
+        delays.append(None if caught is None else caught - done_at)
+    return delays
+
+
 def failure_breakdown(record: dict) -> dict:
     """Counts by (kind, call) over the failed episodes of one `vla-stack eval --planner mem` record, and the
     per-episode rows (seed, subtasks completed, first error)."""
@@ -51,8 +66,12 @@ def failure_breakdown(record: dict) -> dict:
         if calls is None:
             raise VlaStackError(f"episode {episode.get('seed')} has no per-call trace: evaluate with --planner mem")
         subtasks = [s.text for s in generate(record["task"], robot, int(episode["seed"])).subtasks]
+        completions = episode["planner"].get("scene_completions")  # None in records from before it was kept
         rows.append({"seed": episode["seed"], "subtasks_completed": episode.get("subtasks_completed"),
-                     **first_error(calls, subtasks)})
+                     **first_error(calls, subtasks),
+                     "handover_delays": None if completions is None else handover_delays(calls, completions, subtasks)})
     counts = Counter(row["kind"] if row["call"] is None else f"{row['kind']} ({row['call']} call)" for row in rows)
+    late = sum(row["kind"] == LOW_LEVEL and any(d is None or d > LATE_HANDOVER for d in row["handover_delays"] or [])
+               for row in rows)
     return {"task": record["task"], "robot": record["robot"], "episodes": len(episodes), "failures": len(rows),
-            "by_first_error": dict(counts.most_common()), "per_failure": rows}
+            "by_first_error": dict(counts.most_common()), "low_level_after_late_handover": late, "per_failure": rows}

@@ -184,7 +184,7 @@ class MemPlanner:
     def _new_episode() -> dict:
         return {"steps": 0, "calls": 0, "checks": 0, "subtask_correct": 0, "memory_correct": 0, "invalid_memory": 0,
                 "invalid_subtask": 0, "stall_calls": 0, "false_alarms": 0, "misread_memories": 0, "missed_boundaries": 0,
-                "holding_steps": 0, "ungrasped_outcomes": 0, "trace": deque(maxlen=TRACE_CALLS)}
+                "holding_steps": 0, "ungrasped_outcomes": 0, "trace": deque(maxlen=TRACE_CALLS), "completions": []}
 
     # -- policy interface ---------------------------------------------------------------------------------
     def reset(self, seed: int | None = None) -> None:
@@ -403,6 +403,8 @@ class MemPlanner:
     def _track_boundaries(self, step: int) -> None:
         if self.scene is None or self.env is None:
             return
+        completions = self._episode["completions"]  # the step the scene first had k subtasks done, k = 1, 2, ...
+        completions += [step] * (len(self.env.completed_subtasks()) - len(completions))
         done = self.env.subtask_index
         if done > self._known_done:
             if self._pending_boundary is not None:
@@ -422,7 +424,9 @@ class MemPlanner:
         """This episode's counts, and `calls`: one record per high-level call (step; stall re-plan or not; false
         alarm or not; memory in; what the decoder wrote; memory and subtask after the planner's rules; the scene's
         completed subtasks by its detectors when an environment is attached, else None), the per-call trace that
-        finds where a failed episode went wrong; the last TRACE_CALLS calls."""
+        finds where a failed episode went wrong; the last TRACE_CALLS calls; and `scene_completions`, the steps at
+        which the scene first had 1, 2, ... subtasks done (privileged, None without an environment), against which
+        `vla-stack mem failures` times each handover."""
         ep = self._episode
         calls = max(1, ep["calls"])
         return {
@@ -434,6 +438,7 @@ class MemPlanner:
             "invalid_memory": ep["invalid_memory"], "invalid_subtask": ep["invalid_subtask"],
             "final_memory": self.memory, "subtasks": [call["subtask"] for call in ep["trace"]],
             "calls": list(ep["trace"]),
+            "scene_completions": list(ep["completions"]) if self.env is not None else None,
         }
 
     def latency_p50(self) -> float | None:
