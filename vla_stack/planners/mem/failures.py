@@ -67,9 +67,9 @@ def failure_breakdown(record: dict) -> dict:
             raise VlaStackError(f"episode {episode.get('seed')} has no per-call trace: evaluate with --planner mem")
         subtasks = [s.text for s in generate(record["task"], robot, int(episode["seed"])).subtasks]
         completions = episode["planner"].get("scene_completions")  # None in records from before it was kept
+        delays = None if completions is None else handover_delays(calls, completions, subtasks)
         rows.append({"seed": episode["seed"], "subtasks_completed": episode.get("subtasks_completed"),
-                     **first_error(calls, subtasks),
-                     "handover_delays": None if completions is None else handover_delays(calls, completions, subtasks)})
+                     **first_error(calls, subtasks), "handover_delays": delays})
     counts = Counter(row["kind"] if row["call"] is None else f"{row['kind']} ({row['call']} call)" for row in rows)
     late = sum(row["kind"] == LOW_LEVEL and any(d is None or d > LATE_HANDOVER for d in row["handover_delays"] or [])
                for row in rows)

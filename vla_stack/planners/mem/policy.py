@@ -64,8 +64,8 @@ log = logging.getLogger("vla_stack.planners.mem")
 TRACE_CALLS = 1000  # per-call records kept per episode (a node left running on a real arm must not grow)
 HELD_CLOSURE = (0.2, 0.8)  # gripper closure on a cube (panda 0.46, so101 0.50); empty closed is ~1.0
 HELD_STEPS = 3  # consecutive steps steady (change < HELD_STEADY) inside that band
-RECENT_RELEASE = 40  # steps: a completion call overruled by the head needs the cube let go of this recently
 HELD_STEADY = 0.02
+RECENT_RELEASE = 40  # steps: a completion call overruled by the head needs the cube let go of this recently
 
 
 class SubtaskExpert(ScriptedExpert):
