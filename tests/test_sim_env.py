@@ -1,5 +1,7 @@
 """The Gymnasium tasks: spaces, seeding, randomisation, bounded actions and the success detectors."""
 
+from dataclasses import replace
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -152,6 +154,21 @@ def test_success_detectors_follow_the_physical_state(robot):
     below = sim.cube_pos(goal.target)
     _teleport_cube(sim, goal.cube, (below[0], below[1], below[2] + 2 * env.robot.cube_half + 0.002))
     assert sim.goal_reached(goal)
+    env.close()
+
+
+@pytest.mark.parametrize("robot", list(ROBOTS))
+def test_place_centre_needs_the_cube_near_the_bowl_centre(robot):
+    env = TabletopEnv("place_centre", robot, cameras=())
+    env.reset(seed=5)
+    sim, goal = env.sim, env.task.subtasks[-1].goal
+    assert goal.kind == "centre" and "centre" in env.task.subtasks[-1].text
+    bowl, half = sim.receptacle_pos(goal.target), env.robot.cube_half
+    _teleport_cube(sim, goal.cube, (bowl[0] + 0.3 * half, bowl[1], TABLE_Z + 0.004 + half))
+    assert sim.goal_reached(goal)
+    # inside the bowl (place's goal holds there) but a cube's half-width off the centre
+    _teleport_cube(sim, goal.cube, (bowl[0] + half, bowl[1], TABLE_Z + 0.004 + half))
+    assert sim.goal_reached(replace(goal, kind="in")) and not sim.goal_reached(goal)
     env.close()
 
 

@@ -152,7 +152,7 @@ class ScriptedExpert:
 
     def _place_target(self, goal: Goal) -> tuple[np.ndarray, float | None]:
         half = self.robot.cube_half
-        if goal.kind == "in":
+        if goal.kind in ("in", "centre"):
             rec = self.sim.receptacle_pos(goal.target)
             return np.array([rec[0], rec[1], TABLE_Z + 0.004 + half]), None
         if goal.kind == "on":

@@ -280,9 +280,10 @@ class TabletopSim:
         if goal.kind == "lift":
             return height > 2 * half + 0.01 and self.cube_touching_robot(goal.cube)
         released = not self.cube_touching_robot(goal.cube)
-        if goal.kind == "in":
+        if goal.kind in ("in", "centre"):
             centre = self.receptacle_pos(goal.target)
-            inside = np.hypot(*(pos[:2] - centre[:2])) < self.robot.receptacle_half - 0.3 * half
+            radius = self.robot.receptacle_half - 0.3 * half if goal.kind == "in" else 0.5 * half
+            inside = np.hypot(*(pos[:2] - centre[:2])) < radius
             return bool(inside and height < 0.5 * half + 0.006 and released)
         if goal.kind == "on":
             below = self.cube_pos(goal.target)

@@ -42,7 +42,8 @@ class Receptacle:
 
 @dataclass(frozen=True)
 class Goal:
-    """What makes a subtask done. kind: lift | in (receptacle) | on (cube) | at (a table position)."""
+    """What makes a subtask done. kind: lift | in (receptacle) | centre (in a receptacle, within half a cube's
+    half-width of its centre) | on (cube) | at (a table position)."""
 
     kind: str
     cube: int
@@ -81,10 +82,12 @@ class TaskFamily:
     templates: tuple[str, ...] = field(default=())
 
     def n_cubes(self, robot: RobotSpec) -> int:
-        return {"pick": 3, "place": 2, "stack": 3, "sort": 3 if robot.name == "panda" else 2, "restore": 2}[self.name]
+        return {"pick": 3, "place": 2, "place_centre": 2, "stack": 3, "sort": 3 if robot.name == "panda" else 2,
+                "restore": 2}[self.name]
 
     def n_receptacles(self, robot: RobotSpec) -> int:
-        return {"pick": 0, "place": 2, "stack": 0, "sort": self.n_cubes(robot), "restore": 1}[self.name]
+        return {"pick": 0, "place": 2, "place_centre": 2, "stack": 0, "sort": self.n_cubes(robot),
+                "restore": 1}[self.name]
 
 
 FAMILIES: dict[str, TaskFamily] = {
@@ -95,6 +98,11 @@ FAMILIES: dict[str, TaskFamily] = {
         TaskFamily("place", "put a named cube into a named bowl", "bowl", 18.0,
                    ("put the {a} cube in the {b} bowl", "place the {a} cube into the {b} bowl",
                     "move the {a} cube to the {b} bowl")),
+        # A tight target (1 cm on the panda): where the cube is released decides the outcome, so candidate
+        # chunks that look alike differ in success (the world-model planner's test family, issue 6).
+        TaskFamily("place_centre", "put a named cube into the centre of a named bowl", "bowl", 18.0,
+                   ("put the {a} cube in the centre of the {b} bowl", "place the {a} cube in the middle of the {b} bowl",
+                    "move the {a} cube to the centre of the {b} bowl")),
         TaskFamily("stack", "stack one named cube on another", None, 18.0,
                    ("stack the {a} cube on the {b} cube", "put the {a} cube on top of the {b} cube",
                     "place the {a} cube onto the {b} cube")),
@@ -176,6 +184,11 @@ def generate(family_name: str, robot: RobotSpec, seed: int, control_hz: float = 
         instruction = template.format(a=a, b=b)
         subtasks = [Subtask(f"pick up the {a} cube", Goal("lift", 0)),
                     Subtask(f"put the {a} cube in the {b} {kind}", Goal("in", 0, target=0))]
+    elif family.name == "place_centre":
+        b = receptacles[0].color
+        instruction = template.format(a=a, b=b)
+        subtasks = [Subtask(f"pick up the {a} cube", Goal("lift", 0)),
+                    Subtask(f"put the {a} cube in the centre of the {b} {kind}", Goal("centre", 0, target=0))]
     elif family.name == "stack":
         b = cubes[1].color
         instruction = template.format(a=a, b=b)

@@ -110,7 +110,7 @@ def aux_labels(task: str, robot: str, seed: int | None, instruction: str, grippe
         points[t, 0] = (*inst.cubes[cube].xy, cube_z)
         cube_until[t] = grasped_at.get(cube, T - 1)
         mask[t, :, 0] = float(t <= cube_until[t])
-        if goal.kind == "in" and goal.target is not None:
+        if goal.kind in ("in", "centre") and goal.target is not None:
             points[t, 1] = (*inst.receptacles[goal.target].xy, TABLE_Z)
         elif goal.kind == "on" and goal.target is not None:
             points[t, 1] = (*inst.cubes[goal.target].xy, cube_z)
