@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from vla_stack.errors import VlaStackError
 from vla_stack.planners.world_model.model import (WmConfig, WorldModel, WorldModelCheckpointError, load_world_model,
                                                   save_world_model)
 from vla_stack.planners.world_model.sigreg import effective_rank, sigreg
@@ -96,6 +97,35 @@ def test_tiny_world_model_loss_drops():
     assert history[-1]["pred"] < history[0]["pred"]
 
 
+def test_heads_that_read_the_command_see_each_chunks_last_step():
+    from vla_stack.planners.world_model.mcts import SearchConfig, search
+    from vla_stack.planners.world_model.model import LatentSearchModel
+
+    cfg = WmConfig(**{**_tiny_config().to_dict(), "heads_command": True})
+    eps = _episodes()
+    model = WorldModel(cfg)
+    model.set_stats(np.concatenate([e.state for e in eps]), np.concatenate([e.action for e in eps]))
+    sampler = ChunkSampler(eps, cfg)
+    batch = sampler.batch(64, np.random.default_rng(1))
+    H, inside = cfg.chunk, batch["frame_mask"] > 0
+    # the command before frame t+H is the chunk's last action (t+2H: the second chunk's)
+    assert torch.equal(batch["command"][:, 2][inside[:, 2]], batch["actions"][:, H - 1][inside[:, 2]])
+    assert torch.equal(batch["command"][:, 3][inside[:, 3]], batch["actions"][:, 2 * H - 1][inside[:, 3]])
+    loss, _ = model.loss(batch)
+    assert torch.isfinite(loss)
+    lsm = LatentSearchModel(model, model.embed_goal(["pick up the red cube"]))
+    with pytest.raises(VlaStackError, match="last commanded action"):
+        lsm.root(np.zeros(cfg.latent_dim, np.float32))
+    root = lsm.root(np.zeros(cfg.latent_dim, np.float32), eps[0].state[0])
+    chunks = np.random.default_rng(0).normal(size=(3, H, cfg.action_dim)).astype(np.float32)
+    nxt = lsm.dynamics(np.repeat(root[None], 3, 0), chunks)
+    assert nxt.shape == (3, cfg.latent_dim + cfg.action_dim) and np.allclose(nxt[:, cfg.latent_dim:], chunks[:, -1])
+    assert lsm.evaluate(nxt).shape == (3,)
+    result = search(root, chunks, lsm.dynamics, lsm.evaluate, lsm.propose,
+                    SearchConfig(deadline_s=None, max_simulations=40, batch_size=8))
+    assert result.stats["max_depth"] >= 2 and 0 <= result.index < 3
+
+
 def test_branched_rollouts_teach_the_value_to_rank_chunks_from_one_state():
     """Two chunks tried from the same states, one succeeded (moving the square right), one failed (left). The
     recorded episodes alone teach the opposite (those ending on the left succeeded): only the branch loss makes
@@ -167,3 +197,22 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     (path / "model.safetensors").write_bytes((tmp_path / "wm2" / "model.safetensors").read_bytes())
     with pytest.raises(WorldModelCheckpointError, match="do not match"):
         load_world_model(path)
+
+
+def test_goal_distance_progress_replays_the_stored_episode(tmp_path):
+    from vla_stack.data.collect import collect
+    from vla_stack.planners.world_model.train import GoalDistanceReplay, load_episodes
+
+    store = tmp_path / "demo.zarr"
+    collect("place_centre", "panda", 1, store, image_size=32, progress=False)
+    cfg = WmConfig(**{**_tiny_config().to_dict(), "progress_target": "goal_distance", "goal_distance_scale": 0.01})
+    (episode,), _ = load_episodes([str(store)], cfg, progress=False)
+    # the cube starts across the table from the bowl and ends within a centimetre of its centre
+    assert episode.success and episode.progress[0] < 1e-3 and episode.progress[-1] > np.exp(-1.5)
+    assert np.argmax(episode.progress > 0.1) > len(episode.progress) // 2
+    replay = GoalDistanceReplay("panda")
+    with pytest.raises(VlaStackError, match="replaying seed 0 ends with success"):
+        replay("place_centre", 0, episode.action, False, "demo")
+    replay.close()
+    with pytest.raises(VlaStackError, match="progress_target"):
+        WmConfig(progress_target="distance")

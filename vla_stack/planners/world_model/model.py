@@ -61,6 +61,16 @@ class WmConfig:
     goal_dim: int = 32
     goal_buckets: int = 512
     gamma: float = 0.98  # per control step, for the value target gamma**(steps to success)
+    # progress head target: "subtasks" (completed fraction, rising through a successful episode's segments) or
+    # "goal_distance" (exp(-d / goal_distance_scale), d = the final goal's cube to its target in the table plane,
+    # from replaying each stored episode in the simulator: a dense privileged label used only in training, for
+    # tasks whose outcome is a matter of centimetres)
+    progress_target: str = "subtasks"
+    goal_distance_scale: float = 0.01
+    # value / progress heads also read the last commanded action (the chunk's last step for an imagined latent):
+    # a position-controlled arm ends where it was commanded, so the heads need not recover centimetres of
+    # end-effector motion from the latent alone
+    heads_command: bool = False
     # loss weights
     sigreg_weight: float = 0.1
     sigreg_projections: int = 128
@@ -73,6 +83,8 @@ class WmConfig:
         self.cameras, self.channels = tuple(self.cameras), tuple(self.channels)
         if self.image_size % (2 ** len(self.channels)):
             raise VlaStackError(f"image_size {self.image_size} must be divisible by 2**{len(self.channels)}")
+        if self.progress_target not in ("subtasks", "goal_distance"):
+            raise VlaStackError(f"progress_target must be 'subtasks' or 'goal_distance', got '{self.progress_target}'")
         if self.chunk < 1 or self.latent_dim < 2:
             raise VlaStackError("chunk must be >= 1 and latent_dim >= 2")
 
@@ -133,8 +145,9 @@ class WorldModel(nn.Module):
         self.encoder = Encoder(cfg)
         self.predictor = _mlp([D + H * A, cfg.predictor_hidden, cfg.predictor_hidden, H * D])
         self.goal = nn.EmbeddingBag(cfg.goal_buckets, G, mode="mean")
-        self.value_head = _mlp([D + G, cfg.hidden, cfg.hidden, 1])
-        self.progress_head = _mlp([D + G, cfg.hidden, 1])
+        C = A if cfg.heads_command else 0
+        self.value_head = _mlp([D + G + C, cfg.hidden, cfg.hidden, 1])
+        self.progress_head = _mlp([D + G + C, cfg.hidden, 1])
         self.prior_head = _mlp([D + G, cfg.hidden, cfg.hidden, 2 * H * A])
         # normalisation of raw joint states / actions (set from the training data, saved with the weights)
         for name, dim in (("state", cfg.state_dim), ("action", cfg.action_dim)):
@@ -175,11 +188,19 @@ class WorldModel(nn.Module):
         delta = self.predictor(torch.cat([z, actions.flatten(1)], -1)).view(-1, cfg.chunk, cfg.latent_dim)
         return z[:, None] + delta
 
-    def value(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.value_head(torch.cat([z, g], -1))[:, 0])
+    def head_input(self, z: torch.Tensor, g: torch.Tensor, command: torch.Tensor | None = None) -> torch.Tensor:
+        """What the value / progress heads read: latent, goal and (heads_command) the normalised last command."""
+        if not self.config.heads_command:
+            return torch.cat([z, g], -1)
+        if command is None:
+            raise VlaStackError("this world model's heads read the last commanded action; pass it")
+        return torch.cat([z, g, command], -1)
 
-    def progress(self, z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.progress_head(torch.cat([z, g], -1))[:, 0])
+    def value(self, z: torch.Tensor, g: torch.Tensor, command: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self.value_head(self.head_input(z, g, command))[:, 0])
+
+    def progress(self, z: torch.Tensor, g: torch.Tensor, command: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self.progress_head(self.head_input(z, g, command))[:, 0])
 
     def prior(self, z: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gaussian over normalised chunks: mean (B, H, A), log-std (B, H, A) in [-3, 1]."""
@@ -190,7 +211,8 @@ class WorldModel(nn.Module):
     # ---- training loss --------------------------------------------------------------------------------
     def loss(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         """batch (see train.py ChunkSampler): images (B, F, cams, 3, S, S) for frames [t, t+k, t+H, t+2H],
-        state (B, F, state_dim), frame_mask (B, F), k (B,) in 1..H, actions (B, 2H, A) raw, action_mask
+        state (B, F, state_dim), command (B, F, A) raw (the action before each frame), frame_mask (B, F), k (B,) in
+        1..H, actions (B, 2H, A) raw, action_mask
         (B, 2H), value / progress targets (B, F), prior_weight (B,), instruction list."""
         cfg = self.config
         B, F_ = batch["images"].shape[:2]
@@ -213,10 +235,11 @@ class WorldModel(nn.Module):
         # heads on encoded latents (all frames) and on the predicted latents of the chunk ends
         zz = torch.cat([z.flatten(0, 1), pred1[:, -1], pred2[:, -1]])
         gg = torch.cat([g.repeat_interleave(F_, 0), g, g])
+        cc = torch.cat([self.norm_action(batch["command"]).flatten(0, 1), a[:, H - 1], a[:, -1]])
         mm = torch.cat([m.flatten(), m[:, 2], m[:, 3]])
         v_t = torch.cat([batch["value"].flatten(), batch["value"][:, 2], batch["value"][:, 3]])
         p_t = torch.cat([batch["progress"].flatten(), batch["progress"][:, 2], batch["progress"][:, 3]])
-        zz_logits = torch.cat([zz, gg], -1)
+        zz_logits = self.head_input(zz, gg, cc)
         v_loss = (F.binary_cross_entropy_with_logits(self.value_head(zz_logits)[:, 0], v_t, reduction="none") * mm).sum() / mm.sum()
         p_loss = (F.binary_cross_entropy_with_logits(self.progress_head(zz_logits)[:, 0], p_t, reduction="none") * mm).sum() / mm.sum()
         mu, log_std = self.prior(z[:, 0].detach(), g)
@@ -229,8 +252,9 @@ class WorldModel(nn.Module):
                 "progress": p_loss.detach(), "prior": prior_loss.detach()}
         if "branch" in batch:  # Q(z, chunk) = value(predict(z, chunk)): which chunk from this state is better
             br = batch["branch"]
-            zb = self.predict(self.encode(br["images"], br["state"]), self.norm_action(br["actions"]))[:, -1]
-            logits = self.value_head(torch.cat([zb, self.embed_goal(br["instructions"])], -1))[:, 0]
+            ab = self.norm_action(br["actions"])
+            zb = self.predict(self.encode(br["images"], br["state"]), ab)[:, -1]
+            logits = self.value_head(self.head_input(zb, self.embed_goal(br["instructions"]), ab[:, -1]))[:, 0]
             b_loss = F.binary_cross_entropy_with_logits(logits, br["value"])
             total = total + cfg.branch_weight * b_loss
             info["branch"] = b_loss.detach()
@@ -286,7 +310,9 @@ class LatentSearchModel:
     """The world model as the three numpy callables the tree search takes (mcts.py knows no torch):
     dynamics(latents, chunks) -> next latents, evaluate(latents) -> scores, propose(latents, n, rng) ->
     (chunks, log_pi, log_beta). Chunks here are *normalised* H-step action chunks. `temperature` widens the
-    prior for sampling (beta); pi is the prior itself, so Sampled MuZero's correction is non-trivial."""
+    prior for sampling (beta); pi is the prior itself, so Sampled MuZero's correction is non-trivial.
+    For a model whose heads read the last command (heads_command), a search latent is [z, last normalised
+    command]: `root(z, command)` builds the root's, and dynamics carries each chunk's last step along."""
 
     model: WorldModel
     goal: torch.Tensor  # (1, G) embedding of the current instruction
@@ -294,26 +320,43 @@ class LatentSearchModel:
     temperature: float = 1.5
     stats: dict = field(default_factory=lambda: {"dynamics_calls": 0, "rollouts": 0})
 
+    def root(self, z: np.ndarray, command: np.ndarray | None = None) -> np.ndarray:
+        """The search latent of an encoded observation; `command` = the last action sent (raw; None: the
+        joint state, as at an episode's start)."""
+        if not self.model.config.heads_command:
+            return np.asarray(z, np.float32)
+        if command is None:
+            raise VlaStackError("this world model's heads read the last commanded action; pass it")
+        with torch.inference_mode():
+            c = self.model.norm_action(torch.as_tensor(np.asarray(command, np.float32))).numpy()
+        return np.concatenate([np.asarray(z, np.float32), c], -1)
+
+    def _split(self, latents: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = torch.from_numpy(np.ascontiguousarray(latents, np.float32))
+        D = self.model.config.latent_dim
+        return (x[:, :D], x[:, D:]) if self.model.config.heads_command else (x, None)
+
     @torch.inference_mode()
     def dynamics(self, latents: np.ndarray, chunks: np.ndarray) -> np.ndarray:
-        z = torch.from_numpy(np.ascontiguousarray(latents, np.float32))
+        z, _ = self._split(latents)
         a = torch.from_numpy(np.ascontiguousarray(chunks, np.float32))
         self.stats["dynamics_calls"] += 1
         self.stats["rollouts"] += len(z)
-        return self.model.predict(z, a)[:, -1].numpy()
+        nxt = self.model.predict(z, a)[:, -1]
+        return (torch.cat([nxt, a[:, -1]], -1) if self.model.config.heads_command else nxt).numpy()
 
     @torch.inference_mode()
     def evaluate(self, latents: np.ndarray) -> np.ndarray:
-        z = torch.from_numpy(np.ascontiguousarray(latents, np.float32))
-        zg = torch.cat([z, self.goal.expand(len(z), -1)], -1)
-        score = torch.sigmoid(self.model.value_head(zg)[:, 0])
+        z, command = self._split(latents)
+        x = self.model.head_input(z, self.goal.expand(len(z), -1), command)
+        score = torch.sigmoid(self.model.value_head(x)[:, 0])
         if self.progress_weight:
-            score = score + self.progress_weight * torch.sigmoid(self.model.progress_head(zg)[:, 0])
+            score = score + self.progress_weight * torch.sigmoid(self.model.progress_head(x)[:, 0])
         return score.numpy()
 
     @torch.inference_mode()
     def propose(self, latents: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        z = torch.from_numpy(np.ascontiguousarray(latents, np.float32))
+        z, _ = self._split(latents)
         mu, log_std = self.model.prior(z, self.goal.expand(len(z), -1))
         mu, log_std = mu.numpy()[:, None], log_std.numpy()[:, None]  # (B, 1, H, A)
         eps = rng.standard_normal((len(z), n, *mu.shape[2:]), dtype=np.float32)

@@ -83,6 +83,7 @@ class WorldModelPlanner:
         self._queue: list[np.ndarray] = []
         self._decisions: list[dict] = []
         self._goal_for: str | None = None
+        self._command: np.ndarray | None = None  # the last action sent (the heads of some models read it)
 
     def _encode(self, obs: dict) -> np.ndarray:
         from vla_stack.policy.vla.dataset import resize_images
@@ -110,6 +111,7 @@ class WorldModelPlanner:
         else:
             z = self._encode(obs)
             lsm = LatentSearchModel(self.wm, self._goal, self.progress_weight, self.temperature)
+            z = lsm.root(z, obs["state"] if self._command is None else self._command)
             with torch.inference_mode():
                 norm = self.wm.norm_action(torch.from_numpy(chunks[:, :H])).numpy()
             if self.mode == "best_of_k":
@@ -130,6 +132,7 @@ class WorldModelPlanner:
         record["index"] = index
         self._decisions.append(record)
         self._queue = list(chunks[index, :H])
+        self._command = chunks[index, H - 1]
         return chunks[index, :H]
 
     @property

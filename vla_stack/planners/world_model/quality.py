@@ -23,6 +23,14 @@ def encode_episode(model, ep) -> torch.Tensor:
                       for i in range(0, len(images), 256)])
 
 
+def episode_commands(model, ep) -> torch.Tensor | None:
+    """The normalised command before each frame (the joint state before the first), for heads that read it."""
+    if not model.config.heads_command:
+        return None
+    raw = np.concatenate([ep.state[:1, :model.config.action_dim], ep.action[:-1]])
+    return model.norm_action(torch.from_numpy(raw.astype(np.float32)))
+
+
 @torch.inference_mode()
 def prediction_quality(model, episodes, chunks: int = 2, stride: int = 2) -> dict:
     H = model.config.chunk
@@ -35,7 +43,7 @@ def prediction_quality(model, episodes, chunks: int = 2, stride: int = 2) -> dic
         z = encode_episode(model, ep)
         all_z.append(z)
         g = model.embed_goal([ep.instruction]).expand(len(z), -1)
-        values.append(model.value(z, g).numpy())
+        values.append(model.value(z, g, episode_commands(model, ep)).numpy())
         labels.append(np.full(len(z), ep.success))
         T = len(z)
         starts = np.arange(0, T - 1, stride)
@@ -96,7 +104,8 @@ def branch_choice(model, episodes, progress_weight: float = 0.25) -> dict | None
         z = encode_episode(model, ep)
         for t, group in sorted(groups.items()):
             chunks = model.norm_action(torch.from_numpy(np.stack([b["chunk"] for b in group]))).numpy()
-            latents = np.repeat(z[t:t + 1].numpy(), len(group), 0)
+            command = None if not model.config.heads_command else np.concatenate([ep.state[:1], ep.action])[t]
+            latents = np.repeat(lsm.root(z[t].numpy(), command)[None], len(group), 0)
             scores = lsm.evaluate(lsm.dynamics(latents, chunks))
             ok = np.array([b["success"] for b in group])
             picked.append(ok[int(np.argmax(scores))])

@@ -78,12 +78,54 @@ def targets(subtask_index: np.ndarray, n_subtasks: int, success: bool, gamma: fl
     return value.astype(np.float32), np.clip(progress, 0, 1).astype(np.float32)
 
 
+class GoalDistanceReplay:
+    """Per-frame distance (m, table plane) of the task's final-goal cube to its target, by replaying an
+    episode's stored actions from its scene seed, blind (the simulator is deterministic per seed; a replay that
+    does not end as the episode did is an error)."""
+
+    def __init__(self, robot: str):
+        self.robot, self.envs = robot, {}
+
+    def __call__(self, task: str, seed: int, actions: np.ndarray, success: bool, where: str) -> np.ndarray:
+        from vla_stack.sim.env import TabletopEnv
+
+        env = self.envs.get(task) or self.envs.setdefault(task, TabletopEnv(task, self.robot, cameras=()))
+        env.reset(seed=seed)
+        goal = env.task.final_goals[-1]
+        out, ended = np.zeros(len(actions), np.float32), False
+        for t, action in enumerate(actions):
+            out[t] = self._distance(env.sim, goal)
+            if not ended:
+                ended = any(env.step_unobserved(action))
+        if bool(env.success()) != success:
+            raise VlaStackError(f"{where}: replaying seed {seed} ends {'without' if success else 'with'} success, "
+                                "the stored episode did not (recorded with another simulator version?)")
+        return out
+
+    @staticmethod
+    def _distance(sim, goal) -> float:
+        from vla_stack.sim.robots import TABLE_Z
+
+        pos = sim.cube_pos(goal.cube)
+        if goal.kind == "lift":  # the height still missing to the lift detector's
+            half = sim.robot.cube_half
+            return max(0.0, 2 * half + 0.01 - (pos[2] - TABLE_Z - half))
+        target = (sim.receptacle_pos(goal.target) if goal.kind in ("in", "centre") else
+                  sim.cube_pos(goal.target) if goal.kind == "on" else np.asarray(goal.xy))
+        return float(np.hypot(pos[0] - target[0], pos[1] - target[1]))
+
+    def close(self) -> None:
+        for env in self.envs.values():
+            env.close()
+
+
 def load_episodes(paths: list[str], cfg: WmConfig, max_per_store: int | None = None,
                   progress: bool = True) -> tuple[list[WmEpisode], list[WmEpisode]]:
     """(train, held-out) episodes of cfg.robot from the stores, images resized to cfg.image_size."""
     from vla_stack.policy.vla.dataset import resize_images
 
     train, val = [], []
+    replay = GoalDistanceReplay(cfg.robot) if cfg.progress_target == "goal_distance" else None
     for path in paths:
         store = EpisodeStore.open(path)
         if store.robot != cfg.robot:
@@ -101,10 +143,18 @@ def load_episodes(paths: list[str], cfg: WmConfig, max_per_store: int | None = N
             success = bool(meta.success)
             value, prog = targets(np.asarray(data["subtask_index"]), len(meta.subtasks), success, cfg.gamma,
                                   meta.extra.get("success_step"))
+            if replay is not None:
+                if meta.seed is None or not meta.task or meta.extra.get("arm_noise", 0.0) > 0:
+                    raise VlaStackError(f"{path}: episode {i} cannot be replayed for goal distances (no scene seed "
+                                        "or task, or DART demos: their stored actions are not the executed ones)")
+                distance = replay(meta.task, meta.seed, data["action"], success, f"{path} episode {i}")
+                prog = np.exp(-distance / cfg.goal_distance_scale).astype(np.float32)
             ep = WmEpisode(meta.instruction, images, data["state"].astype(np.float32),
                            data["action"].astype(np.float32), value, prog, success, Path(path).name, meta.seed,
                            _branches(meta.extra.get("branches", []), len(data["action"]), cfg, path))
             (val if n % VAL_EVERY == VAL_EVERY - 1 else train).append(ep)
+    if replay is not None:
+        replay.close()
     if not train:
         raise VlaStackError("no training episodes in " + ", ".join(paths))
     return train, val
@@ -165,9 +215,14 @@ class ChunkSampler:
         action_mask = steps <= last
         act_idx = self.start[ep][:, None] + np.minimum(steps, last)
         images = torch.from_numpy(self.images[frames.reshape(-1)]).view(size, 4, *self.images.shape[1:])
+        before = self.start[ep][:, None] + t[:, None] + offsets - 1  # the command that led to each frame
+        first = (t[:, None] + offsets == 0) | ~frame_mask
+        command = self.action[torch.from_numpy(np.where(first, 0, before))]
+        command[torch.from_numpy(first)] = self.state[torch.from_numpy(frames[first])]
         out = {
             "images": images.permute(0, 1, 2, 5, 3, 4).float() / 255.0,
             "state": self.state[torch.from_numpy(frames)],
+            "command": command,
             "frame_mask": torch.from_numpy(frame_mask.astype(np.float32)),
             "k": torch.from_numpy(k),
             "actions": self.action[torch.from_numpy(act_idx)],
