@@ -34,7 +34,7 @@ def generate_launch_description() -> LaunchDescription:
                                     arg("instruction_topic"), "'"])
     return LaunchDescription([
         DeclareLaunchArgument("robot", default_value="panda", description="panda or so101"),
-        DeclareLaunchArgument("task", default_value="pick", description="pick, place, stack, sort or restore"),
+        DeclareLaunchArgument("task", default_value="pick", description="pick, place, place_centre, stack, sort or restore"),
         DeclareLaunchArgument("policy", default_value="expert", description="'expert' or a checkpoint path"),
         DeclareLaunchArgument("inference_steps", default_value="0",
                               description="Euler steps per action chunk (0 = the checkpoint's)"),

@@ -36,7 +36,7 @@ def test_list_prints_one_name_per_line():
     assert runner.invoke(app, ["list", "robots"]).output.splitlines() == list(ROBOTS)
     assert runner.invoke(app, ["list", "tasks"]).output.splitlines() == list(FAMILIES)
     assert {"panda", "so101"} <= set(ROBOTS)
-    assert list(FAMILIES) == ["pick", "place", "stack", "sort", "restore"]
+    assert list(FAMILIES) == ["pick", "place", "place_centre", "stack", "sort", "restore"]
 
 
 def _cli(*args, **kwargs):
