@@ -56,7 +56,8 @@ class SimNode(Node):
     def __init__(self, **kwargs):
         super().__init__("sim_node", **kwargs)
         robot = param(self, "robot", "panda", "Robot model: panda or so101", read_only=True)
-        task = param(self, "task", "pick", "Task family (pick, place, place_centre, stack, sort, restore)", read_only=True)
+        task = param(self, "task", "pick", "Task family (pick, place, place_centre, stack, sort, restore)",
+                     read_only=True)
         self.seed = param(self, "seed", 0, "Scene seed of the first episode; ~/new_episode uses it when it was "
                                             "changed since the last episode, else the previous seed + 1")
         size = param(self, "image_size", 128, "Square camera image size in pixels", read_only=True)
