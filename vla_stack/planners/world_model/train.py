@@ -89,7 +89,9 @@ class GoalDistanceReplay:
     def __call__(self, task: str, seed: int, actions: np.ndarray, success: bool, where: str) -> np.ndarray:
         from vla_stack.sim.env import TabletopEnv
 
-        env = self.envs.get(task) or self.envs.setdefault(task, TabletopEnv(task, self.robot, cameras=()))
+        if task not in self.envs:
+            self.envs[task] = TabletopEnv(task, self.robot, cameras=())
+        env = self.envs[task]
         env.reset(seed=seed)
         goal = env.task.final_goals[-1]
         out, ended = np.zeros(len(actions), np.float32), False
@@ -122,10 +124,22 @@ class GoalDistanceReplay:
 def load_episodes(paths: list[str], cfg: WmConfig, max_per_store: int | None = None,
                   progress: bool = True) -> tuple[list[WmEpisode], list[WmEpisode]]:
     """(train, held-out) episodes of cfg.robot from the stores, images resized to cfg.image_size."""
+    replay = GoalDistanceReplay(cfg.robot) if cfg.progress_target == "goal_distance" else None
+    try:
+        train, val = _load_stores(paths, cfg, max_per_store, progress, replay)
+    finally:
+        if replay is not None:
+            replay.close()
+    if not train:
+        raise VlaStackError("no training episodes in " + ", ".join(paths))
+    return train, val
+
+
+def _load_stores(paths: list[str], cfg: WmConfig, max_per_store: int | None, progress: bool,
+                 replay: GoalDistanceReplay | None) -> tuple[list[WmEpisode], list[WmEpisode]]:
     from vla_stack.policy.vla.dataset import resize_images
 
     train, val = [], []
-    replay = GoalDistanceReplay(cfg.robot) if cfg.progress_target == "goal_distance" else None
     for path in paths:
         store = EpisodeStore.open(path)
         if store.robot != cfg.robot:
@@ -153,10 +167,6 @@ def load_episodes(paths: list[str], cfg: WmConfig, max_per_store: int | None = N
                            data["action"].astype(np.float32), value, prog, success, Path(path).name, meta.seed,
                            _branches(meta.extra.get("branches", []), len(data["action"]), cfg, path))
             (val if n % VAL_EVERY == VAL_EVERY - 1 else train).append(ep)
-    if replay is not None:
-        replay.close()
-    if not train:
-        raise VlaStackError("no training episodes in " + ", ".join(paths))
     return train, val
 
 
