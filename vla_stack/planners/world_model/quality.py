@@ -23,12 +23,16 @@ def encode_episode(model, ep) -> torch.Tensor:
                       for i in range(0, len(images), 256)])
 
 
+def raw_commands(model, ep) -> np.ndarray:
+    """The command sent before each frame (the joint state before the first), raw: what heads_command heads read."""
+    return np.concatenate([ep.state[:1, :model.config.action_dim], ep.action[:-1]]).astype(np.float32)
+
+
 def episode_commands(model, ep) -> torch.Tensor | None:
-    """The normalised command before each frame (the joint state before the first), for heads that read it."""
+    """raw_commands normalised, or None for a model whose heads do not read them."""
     if not model.config.heads_command:
         return None
-    raw = np.concatenate([ep.state[:1, :model.config.action_dim], ep.action[:-1]])
-    return model.norm_action(torch.from_numpy(raw.astype(np.float32)))
+    return model.norm_action(torch.from_numpy(raw_commands(model, ep)))
 
 
 @torch.inference_mode()
@@ -102,9 +106,10 @@ def branch_choice(model, episodes, progress_weight: float = 0.25) -> dict | None
             continue
         lsm = LatentSearchModel(model, model.embed_goal([ep.instruction]), progress_weight)
         z = encode_episode(model, ep)
+        commands = raw_commands(model, ep) if model.config.heads_command else None
         for t, group in sorted(groups.items()):
             chunks = model.norm_action(torch.from_numpy(np.stack([b["chunk"] for b in group]))).numpy()
-            command = None if not model.config.heads_command else np.concatenate([ep.state[:1], ep.action])[t]
+            command = None if commands is None else commands[t]
             latents = np.repeat(lsm.root(z[t].numpy(), command)[None], len(group), 0)
             scores = lsm.evaluate(lsm.dynamics(latents, chunks))
             ok = np.array([b["success"] for b in group])
