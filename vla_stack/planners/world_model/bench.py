@@ -49,7 +49,7 @@ def bench_planner(checkpoint: str | Path | None = None, vla_checkpoint: str | Pa
         rng = np.random.default_rng(0)
         throughput = []
         for b in (1, 8, 32, 128, 512):
-            z = rng.standard_normal((b, cfg.latent_dim + cfg.action_dim * cfg.heads_command)).astype(np.float32)
+            z = rng.standard_normal((b, cfg.search_dim)).astype(np.float32)
             a = rng.standard_normal((b, cfg.chunk, cfg.action_dim)).astype(np.float32)
             lsm.dynamics(z, a)
             n, t0 = 0, time.perf_counter()

@@ -4,6 +4,8 @@
     z_{t+1..t+H} = z_t + predict(z_t, a_t..a_{t+H-1})                        one call per action chunk of H steps
     value(z, g), progress(z, g)                                              heads, g = instruction embedding
     prior(z, g) -> N(mu, sigma) over a normalised H-step chunk               latent proposal for deep tree nodes
+    goal offset (goal_offset models)                                          target - cube, read from the images,
+                                                                             moved with the held cube by kinematics
 
 Trained end to end with next-latent MSE (at a random offset inside the chunk, at the chunk end and one chunk
 further, through the predictor's own output) plus SIGReg on the embeddings (LeWorldModel's single
@@ -71,6 +73,18 @@ class WmConfig:
     # a position-controlled arm ends where it was commanded, so the heads need not recover centimetres of
     # end-effector motion from the latent alone
     heads_command: bool = False
+    # the search latent also carries the goal cube's offset from its target in the table plane (m): read from
+    # the images by an offset head (trained on replayed positions), moved with the commanded grasp-site motion
+    # (the robot model's forward kinematics) while the gripper holds, frozen once it opens; the heads read it.
+    # Candidate chunks from one state differ by millimetres where they release; a latent alone does not
+    # resolve that (needs heads_command and progress_target goal_distance)
+    goal_offset: bool = False
+    offset_label_noise: float = 0.003  # m: the heads train on labelled offsets blurred by about the reader's error
+    offset_channels: int = 32  # the offset reader's CNN width
+    offset_keypoints: int = 16  # its soft-argmax keypoints per camera
+    # the reader's loss counts frames farther than this from the target (m) at a tenth: precision matters in
+    # the last centimetres, and the far frames (most of them) would otherwise take its capacity
+    offset_near: float = 0.06
     # loss weights
     sigreg_weight: float = 0.1
     sigreg_projections: int = 128
@@ -78,6 +92,7 @@ class WmConfig:
     progress_weight: float = 0.5
     prior_weight: float = 0.05
     branch_weight: float = 1.0  # value on predicted latents of branched rollouts (batch["branch"], when given)
+    offset_weight: float = 0.1
 
     def __post_init__(self) -> None:
         self.cameras, self.channels = tuple(self.cameras), tuple(self.channels)
@@ -87,6 +102,14 @@ class WmConfig:
             raise VlaStackError(f"progress_target must be 'subtasks' or 'goal_distance', got '{self.progress_target}'")
         if self.chunk < 1 or self.latent_dim < 2:
             raise VlaStackError("chunk must be >= 1 and latent_dim >= 2")
+        if self.goal_offset and not (self.heads_command and self.progress_target == "goal_distance"):
+            raise VlaStackError("goal_offset needs heads_command: true and progress_target: goal_distance")
+
+    @property
+    def search_dim(self) -> int:
+        """Width of a search latent: z, then the last normalised command (heads_command), then the goal offset
+        (2, m) and the grasp-site position it was last measured from (3, m) (goal_offset)."""
+        return self.latent_dim + self.action_dim * self.heads_command + 5 * self.goal_offset
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -105,6 +128,24 @@ class WmConfig:
 def goal_tokens(instruction: str, buckets: int) -> list[int]:
     words = re.findall(r"[a-z0-9]+", instruction.lower()) or ["<empty>"]
     return [zlib.crc32(w.encode()) % buckets for w in words]
+
+
+GRIP_CLOSED = 0.5  # normalised gripper command above which the hand holds what it grasped
+OFFSET_UNIT = 0.1  # m: the offset head's output unit
+
+
+def held_steps(prev_grip: torch.Tensor, grip: torch.Tensor) -> torch.Tensor:
+    """(B,) steps of a chunk through which the hand keeps what it held at the chunk's start: the gripper was
+    commanded closed before the chunk and stays closed up to the first opening. prev_grip (B,), grip (B, H)."""
+    closed = torch.cat([prev_grip[:, None], grip], 1) > GRIP_CLOSED
+    return torch.cumprod(closed.long(), 1)[:, 1:].sum(1)
+
+
+def carry_offset(offset: torch.Tensor, ref: torch.Tensor, held: torch.Tensor, ee_held: torch.Tensor) -> torch.Tensor:
+    """The goal offset (target - cube, B x 2) after a chunk: a held cube moves with the grasp site from `ref`
+    to `ee_held` (its position at the chunk's last held step); a cube not held stays put."""
+    moved = torch.where((held > 0)[:, None], ee_held - ref, torch.zeros_like(ref))
+    return offset - moved[:, :2]
 
 
 def _mlp(sizes: list[int], out_act: bool = False) -> nn.Sequential:
@@ -137,6 +178,36 @@ class Encoder(nn.Module):
         return self.fuse(torch.cat([f, state], -1))
 
 
+class OffsetReader(nn.Module):
+    """The goal offset from the images: a small CNN at half the image resolution (per camera, shared weights),
+    its features modulated by the instruction (FiLM: which cube, which bowl), then per channel a soft argmax
+    (the expected image position of a keypoint: precise to a fraction of a pixel and the same wherever the scene
+    puts the objects, where a flattened CNN must learn every position from few scenes), and an MLP from the
+    keypoints, the joint state and the instruction to the offset in the hand's frame."""
+
+    def __init__(self, cfg: WmConfig):
+        super().__init__()
+        c, k = cfg.offset_channels, cfg.offset_keypoints
+        self.cnn = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1), nn.GroupNorm(max(1, c // 8), c), nn.GELU(),
+                                 nn.Conv2d(c, c, 3, 2, 1), nn.GroupNorm(max(1, c // 8), c), nn.GELU(),
+                                 nn.Conv2d(c, c, 3, 1, 1), nn.GroupNorm(max(1, c // 8), c))
+        self.film = nn.Linear(cfg.goal_dim, 2 * c)
+        self.keypoints = nn.Conv2d(c, k, 1)
+        self.mlp = _mlp([len(cfg.cameras) * k * 2 + cfg.state_dim + cfg.goal_dim, cfg.hidden, cfg.hidden, 2])
+
+    def forward(self, images: torch.Tensor, state: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """images (B, cams, 3, S, S) in [0, 1], normalised state (B, state_dim), goal (B, G) -> (B, 2)."""
+        b, cams = images.shape[:2]
+        f = self.cnn(images.flatten(0, 1) * 2 - 1)
+        scale, shift = self.film(g).repeat_interleave(cams, 0)[..., None, None].chunk(2, 1)
+        logits = self.keypoints(F.gelu(f * (1 + scale) + shift))  # (B*cams, K, h, w)
+        h, w = logits.shape[-2:]
+        attention = logits.flatten(2).softmax(-1).view_as(logits)
+        ys, xs = torch.linspace(-1, 1, h), torch.linspace(-1, 1, w)
+        points = torch.stack([(attention.sum(2) * xs).sum(-1), (attention.sum(3) * ys).sum(-1)], -1)
+        return self.mlp(torch.cat([points.reshape(b, -1), state, g], -1))
+
+
 class WorldModel(nn.Module):
     def __init__(self, cfg: WmConfig):
         super().__init__()
@@ -145,9 +216,11 @@ class WorldModel(nn.Module):
         self.encoder = Encoder(cfg)
         self.predictor = _mlp([D + H * A, cfg.predictor_hidden, cfg.predictor_hidden, H * D])
         self.goal = nn.EmbeddingBag(cfg.goal_buckets, G, mode="mean")
-        C = A if cfg.heads_command else 0
+        C = (A if cfg.heads_command else 0) + (3 if cfg.goal_offset else 0)
         self.value_head = _mlp([D + G + C, cfg.hidden, cfg.hidden, 1])
         self.progress_head = _mlp([D + G + C, cfg.hidden, 1])
+        if cfg.goal_offset:
+            self.offset_reader = OffsetReader(cfg)
         self.prior_head = _mlp([D + G, cfg.hidden, cfg.hidden, 2 * H * A])
         # normalisation of raw joint states / actions (set from the training data, saved with the weights)
         for name, dim in (("state", cfg.state_dim), ("action", cfg.action_dim)):
@@ -188,19 +261,42 @@ class WorldModel(nn.Module):
         delta = self.predictor(torch.cat([z, actions.flatten(1)], -1)).view(-1, cfg.chunk, cfg.latent_dim)
         return z[:, None] + delta
 
-    def head_input(self, z: torch.Tensor, g: torch.Tensor, command: torch.Tensor | None = None) -> torch.Tensor:
-        """What the value / progress heads read: latent, goal and (heads_command) the normalised last command."""
-        if not self.config.heads_command:
-            return torch.cat([z, g], -1)
-        if command is None:
-            raise VlaStackError("this world model's heads read the last commanded action; pass it")
-        return torch.cat([z, g, command], -1)
+    def head_input(self, z: torch.Tensor, g: torch.Tensor, command: torch.Tensor | None = None,
+                   offset: torch.Tensor | None = None) -> torch.Tensor:
+        """What the value / progress heads read: latent, goal, (heads_command) the normalised last command and
+        (goal_offset) the goal offset as tanh(offset / 3 scale) and exp(-|offset| / scale), scale =
+        goal_distance_scale: the progress target's own form, resolved where it matters (the last centimetres)."""
+        cfg = self.config
+        parts = [z, g]
+        if cfg.heads_command:
+            if command is None:
+                raise VlaStackError("this world model's heads read the last commanded action; pass it")
+            parts.append(command)
+        if cfg.goal_offset:
+            if offset is None:
+                raise VlaStackError("this world model's heads read the goal offset; pass it")
+            s = cfg.goal_distance_scale
+            parts += [torch.tanh(offset / (3 * s)), torch.exp(-offset.norm(dim=-1, keepdim=True) / s)]
+        return torch.cat(parts, -1)
 
-    def value(self, z: torch.Tensor, g: torch.Tensor, command: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.sigmoid(self.value_head(self.head_input(z, g, command))[:, 0])
+    def goal_offset_of(self, images: torch.Tensor, state: torch.Tensor, g: torch.Tensor,
+                       hand_yaw: torch.Tensor) -> torch.Tensor:
+        """(B, 2) m: target - goal cube in the table plane, read from images (B, cams, 3, S, S) in [0, 1] and
+        the raw joint state (goal_offset models). The reader works in the hand's frame (the wrist camera turns
+        with the hand, and the hand turns with each grasp); the hand's measured yaw (B,) turns it into the world's."""
+        if not self.config.goal_offset:
+            raise VlaStackError("this world model has no goal-offset reader (goal_offset: false)")
+        local = self.offset_reader(images, self.norm_state(state), g) * OFFSET_UNIT
+        c, s = torch.cos(hand_yaw), torch.sin(hand_yaw)
+        return torch.stack([c * local[:, 0] - s * local[:, 1], s * local[:, 0] + c * local[:, 1]], -1)
 
-    def progress(self, z: torch.Tensor, g: torch.Tensor, command: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.sigmoid(self.progress_head(self.head_input(z, g, command))[:, 0])
+    def value(self, z: torch.Tensor, g: torch.Tensor, command: torch.Tensor | None = None,
+              offset: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self.value_head(self.head_input(z, g, command, offset))[:, 0])
+
+    def progress(self, z: torch.Tensor, g: torch.Tensor, command: torch.Tensor | None = None,
+                 offset: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self.progress_head(self.head_input(z, g, command, offset))[:, 0])
 
     def prior(self, z: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Gaussian over normalised chunks: mean (B, H, A), log-std (B, H, A) in [-3, 1]."""
@@ -208,12 +304,22 @@ class WorldModel(nn.Module):
         out = self.prior_head(torch.cat([z, g], -1)).view(-1, 2, cfg.chunk, cfg.action_dim)
         return out[:, 0], out[:, 1].clamp(-3.0, 1.0)
 
+    @staticmethod
+    def carry_through(offset: torch.Tensor, ref: torch.Tensor, prev_grip: torch.Tensor, raw_chunk: torch.Tensor,
+                      ee_chunk: torch.Tensor) -> torch.Tensor:
+        """carry_offset over a raw chunk (B, H, A) whose grasp-site positions (B, H, 3) are known."""
+        held = held_steps(prev_grip, raw_chunk[..., -1])
+        ee_held = ee_chunk[torch.arange(len(held)), (held - 1).clamp_min(0)]
+        return carry_offset(offset, ref, held, ee_held)
+
     # ---- training loss --------------------------------------------------------------------------------
     def loss(self, batch: dict, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
         """batch (see train.py ChunkSampler): images (B, F, cams, 3, S, S) for frames [t, t+k, t+H, t+2H],
         state (B, F, state_dim), command (B, F, A) raw (the action before each frame), frame_mask (B, F), k (B,) in
         1..H, actions (B, 2H, A) raw, action_mask
-        (B, 2H), value / progress targets (B, F), prior_weight (B,), instruction list."""
+        (B, 2H), value / progress targets (B, F), prior_weight (B,), instruction list; for goal_offset models also
+        offset (B, F, 2) m labels, hand_yaw (B, F) the grasp site's yaw at each frame, ee_state (B, 3) its
+        position at frame t, ee_actions (B, 2H, 3) where each action puts it (forward kinematics)."""
         cfg = self.config
         B, F_ = batch["images"].shape[:2]
         z = self.encode(batch["images"].flatten(0, 1), batch["state"].flatten(0, 1)).view(B, F_, -1)
@@ -239,7 +345,24 @@ class WorldModel(nn.Module):
         mm = torch.cat([m.flatten(), m[:, 2], m[:, 3]])
         v_t = torch.cat([batch["value"].flatten(), batch["value"][:, 2], batch["value"][:, 3]])
         p_t = torch.cat([batch["progress"].flatten(), batch["progress"][:, 2], batch["progress"][:, 3]])
-        zz_logits = self.head_input(zz, gg, cc)
+        oo = None
+        info_extra = {}
+        if cfg.goal_offset:  # offset head on encoded latents; the heads read labelled offsets, carried through chunks
+            offsets = batch["offset"]  # (B, F, 2) m
+            at = [0, 2]  # the reader at frames t and t+H (all four would double its cost for little)
+            read = self.goal_offset_of(batch["images"][:, at].flatten(0, 1), batch["state"][:, at].flatten(0, 1),
+                                       g.repeat_interleave(len(at), 0), batch["hand_yaw"][:, at].flatten())
+            labels = offsets[:, at].flatten(0, 1)
+            err = (read - labels) / cfg.goal_distance_scale
+            mo = m[:, at].flatten() * torch.where(labels.norm(dim=-1) < cfg.offset_near, 1.0, 0.1)
+            o_loss = (F.huber_loss(err, torch.zeros_like(err), reduction="none").sum(-1) * mo).sum() / mo.sum()
+            noisy = offsets + cfg.offset_label_noise * torch.randn(offsets.shape, generator=generator)
+            raw, ee = batch["actions"], batch["ee_actions"]  # (B, 2H, A) raw, (B, 2H, 3)
+            o1 = self.carry_through(noisy[:, 0], batch["ee_state"], batch["command"][:, 0, -1], raw[:, :H], ee[:, :H])
+            o2 = self.carry_through(o1, ee[:, H - 1], raw[:, H - 1, -1], raw[:, H:], ee[:, H:])
+            oo = torch.cat([noisy.flatten(0, 1), o1, o2])
+            info_extra["offset"] = o_loss.detach()
+        zz_logits = self.head_input(zz, gg, cc, oo)
         v_loss = (F.binary_cross_entropy_with_logits(self.value_head(zz_logits)[:, 0], v_t, reduction="none") * mm).sum() / mm.sum()
         p_loss = (F.binary_cross_entropy_with_logits(self.progress_head(zz_logits)[:, 0], p_t, reduction="none") * mm).sum() / mm.sum()
         mu, log_std = self.prior(z[:, 0].detach(), g)
@@ -249,12 +372,18 @@ class WorldModel(nn.Module):
         total = (pred_loss + cfg.sigreg_weight * reg + cfg.value_weight * v_loss + cfg.progress_weight * p_loss
                  + cfg.prior_weight * prior_loss)
         info = {"pred": pred_loss.detach(), "sigreg": reg.detach(), "value": v_loss.detach(),
-                "progress": p_loss.detach(), "prior": prior_loss.detach()}
+                "progress": p_loss.detach(), "prior": prior_loss.detach(), **info_extra}
+        if cfg.goal_offset:
+            total = total + cfg.offset_weight * o_loss
         if "branch" in batch:  # Q(z, chunk) = value(predict(z, chunk)): which chunk from this state is better
             br = batch["branch"]
             ab = self.norm_action(br["actions"])
             zb = self.predict(self.encode(br["images"], br["state"]), ab)[:, -1]
-            logits = self.value_head(self.head_input(zb, self.embed_goal(br["instructions"]), ab[:, -1]))[:, 0]
+            ob = None
+            if cfg.goal_offset:
+                noisy = br["offset"] + cfg.offset_label_noise * torch.randn(br["offset"].shape, generator=generator)
+                ob = self.carry_through(noisy, br["ee_state"], br["command"][:, -1], br["actions"], br["ee_actions"])
+            logits = self.value_head(self.head_input(zb, self.embed_goal(br["instructions"]), ab[:, -1], ob))[:, 0]
             b_loss = F.binary_cross_entropy_with_logits(logits, br["value"])
             total = total + cfg.branch_weight * b_loss
             info["branch"] = b_loss.detach()
@@ -311,8 +440,9 @@ class LatentSearchModel:
     dynamics(latents, chunks) -> next latents, evaluate(latents) -> scores, propose(latents, n, rng) ->
     (chunks, log_pi, log_beta). Chunks here are *normalised* H-step action chunks. `temperature` widens the
     prior for sampling (beta); pi is the prior itself, so Sampled MuZero's correction is non-trivial.
-    For a model whose heads read the last command (heads_command), a search latent is [z, last normalised
-    command]: `root(z, command)` builds the root's, and dynamics carries each chunk's last step along."""
+    A search latent is z, then for heads_command models the last normalised command (dynamics carries each
+    chunk's last step along), then for goal_offset models the goal offset and the grasp-site position it refers
+    to (dynamics moves the offset with the held cube, carry_offset): `root(z, command, state)` builds the root's."""
 
     model: WorldModel
     goal: torch.Tensor  # (1, G) embedding of the current instruction
@@ -320,35 +450,75 @@ class LatentSearchModel:
     temperature: float = 1.5
     stats: dict = field(default_factory=lambda: {"dynamics_calls": 0, "rollouts": 0})
 
-    def root(self, z: np.ndarray, command: np.ndarray | None = None) -> np.ndarray:
+    def root(self, z: np.ndarray, command: np.ndarray | None = None, state: np.ndarray | None = None,
+             images: torch.Tensor | None = None) -> np.ndarray:
         """The search latent of an encoded observation; `command` = the last action sent (raw; None: the
-        joint state, as at an episode's start)."""
-        if not self.model.config.heads_command:
-            return np.asarray(z, np.float32)
+        joint state, as at an episode's start); goal_offset models also read the goal offset from `images`
+        (cams, 3, S, S) in [0, 1] and the measured joint `state` (raw)."""
+        cfg = self.model.config
+        z = np.asarray(z, np.float32)
+        if not cfg.heads_command:
+            return z
         if command is None:
             raise VlaStackError("this world model's heads read the last commanded action; pass it")
+        parts = [z]
         with torch.inference_mode():
-            c = self.model.norm_action(torch.as_tensor(np.asarray(command, np.float32))).numpy()
-        return np.concatenate([np.asarray(z, np.float32), c], -1)
+            parts.append(self.model.norm_action(torch.as_tensor(np.asarray(command, np.float32))).numpy())
+            if cfg.goal_offset:
+                if state is None or images is None:
+                    raise VlaStackError("this world model reads the goal offset from the images and the measured "
+                                        "joint state; pass both")
+                state = np.asarray(state, np.float32)
+                position, yaw = self._fk.poses(state[: self._fk.arm_dof])
+                offset = self.model.goal_offset_of(torch.as_tensor(images, dtype=torch.float32)[None],
+                                                   torch.from_numpy(state)[None], self.goal,
+                                                   torch.tensor([float(yaw)]))
+                parts += [offset[0].numpy(), position.astype(np.float32)]
+        return np.concatenate(parts, -1)
 
-    def _split(self, latents: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+    @property
+    def _fk(self):
+        from vla_stack.control.kinematics import grasp_site_fk
+
+        return grasp_site_fk(self.model.config.robot)
+
+    def _split(self, latents: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(z, command, offset, ee_ref), the last three None where the model does not carry them."""
+        cfg = self.model.config
         x = torch.from_numpy(np.ascontiguousarray(latents, np.float32))
-        D = self.model.config.latent_dim
-        return (x[:, :D], x[:, D:]) if self.model.config.heads_command else (x, None)
+        if x.shape[-1] != cfg.search_dim:
+            raise VlaStackError(f"search latents of this world model have {cfg.search_dim} values, got {x.shape[-1]}")
+        D, A = cfg.latent_dim, cfg.action_dim
+        if not cfg.heads_command:
+            return x, None, None, None
+        if not cfg.goal_offset:
+            return x[:, :D], x[:, D:], None, None
+        return x[:, :D], x[:, D:D + A], x[:, D + A:D + A + 2], x[:, D + A + 2:]
 
     @torch.inference_mode()
     def dynamics(self, latents: np.ndarray, chunks: np.ndarray) -> np.ndarray:
-        z, _ = self._split(latents)
+        z, command, offset, ref = self._split(latents)
         a = torch.from_numpy(np.ascontiguousarray(chunks, np.float32))
         self.stats["dynamics_calls"] += 1
         self.stats["rollouts"] += len(z)
         nxt = self.model.predict(z, a)[:, -1]
-        return (torch.cat([nxt, a[:, -1]], -1) if self.model.config.heads_command else nxt).numpy()
+        if command is None:
+            return nxt.numpy()
+        parts = [nxt, a[:, -1]]
+        if offset is not None:  # forward kinematics only where it is needed: the last held step and the last step
+            raw = self.model.unnorm_action(a)
+            held = held_steps(self.model.unnorm_action(command)[:, -1], raw[..., -1])
+            rows = torch.arange(len(raw))
+            arm = self._fk.arm_dof
+            ee = torch.from_numpy(self._fk.positions(torch.stack(
+                [raw[rows, (held - 1).clamp_min(0), :arm], raw[:, -1, :arm]], 1).numpy()).astype(np.float32))
+            parts += [carry_offset(offset, ref, held, ee[:, 0]), ee[:, 1]]
+        return torch.cat(parts, -1).numpy()
 
     @torch.inference_mode()
     def evaluate(self, latents: np.ndarray) -> np.ndarray:
-        z, command = self._split(latents)
-        x = self.model.head_input(z, self.goal.expand(len(z), -1), command)
+        z, command, offset, _ = self._split(latents)
+        x = self.model.head_input(z, self.goal.expand(len(z), -1), command, offset)
         score = torch.sigmoid(self.model.value_head(x)[:, 0])
         if self.progress_weight:
             score = score + self.progress_weight * torch.sigmoid(self.model.progress_head(x)[:, 0])
@@ -356,7 +526,7 @@ class LatentSearchModel:
 
     @torch.inference_mode()
     def propose(self, latents: np.ndarray, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        z, _ = self._split(latents)
+        z = self._split(latents)[0]
         mu, log_std = self.model.prior(z, self.goal.expand(len(z), -1))
         mu, log_std = mu.numpy()[:, None], log_std.numpy()[:, None]  # (B, 1, H, A)
         eps = rng.standard_normal((len(z), n, *mu.shape[2:]), dtype=np.float32)

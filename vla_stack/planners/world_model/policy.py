@@ -85,15 +85,16 @@ class WorldModelPlanner:
         self._goal_for: str | None = None
         self._command: np.ndarray | None = None  # the last action sent (the heads of some models read it)
 
-    def _encode(self, obs: dict) -> np.ndarray:
+    def _encode(self, obs: dict) -> tuple[np.ndarray, torch.Tensor]:
+        """(latent, the world model's view of the cameras (cams, 3, S, S) in [0, 1])."""
         from vla_stack.policy.vla.dataset import resize_images
 
         cfg = self.wm.config
         images = resize_images(np.stack([np.asarray(obs["images"][c], np.uint8) for c in cfg.cameras]), cfg.image_size)
-        x = torch.from_numpy(images).permute(0, 3, 1, 2)[None].float() / 255.0
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
         state = torch.from_numpy(np.asarray(obs["state"], np.float32))[None]
         with torch.inference_mode():
-            return self.wm.encode(x, state)[0].numpy()
+            return self.wm.encode(x[None], state)[0].numpy(), x
 
     def _plan(self, obs: dict) -> np.ndarray:
         t0 = time.perf_counter()
@@ -109,9 +110,9 @@ class WorldModelPlanner:
         if self.mode == "first":
             index = 0
         else:
-            z = self._encode(obs)
+            z, images = self._encode(obs)
             lsm = LatentSearchModel(self.wm, self._goal, self.progress_weight, self.temperature)
-            z = lsm.root(z, obs["state"] if self._command is None else self._command)
+            z = lsm.root(z, obs["state"] if self._command is None else self._command, obs["state"], images)
             with torch.inference_mode():
                 norm = self.wm.norm_action(torch.from_numpy(chunks[:, :H])).numpy()
             if self.mode == "best_of_k":

@@ -18,6 +18,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from vla_stack.control.kinematics import grasp_site_fk
 from vla_stack.data.episode_store import EpisodeStore
 from vla_stack.errors import VlaStackError
 from vla_stack.paths import resolve_data_path
@@ -56,6 +57,12 @@ class WmEpisode:
     source: str
     seed: int | None
     branches: list[dict] = dataclasses.field(default_factory=list)  # collect_branched's tried candidates
+    # goal_offset models: target - goal cube in the table plane (T, 2) m, from the replay; where the grasp site
+    # is at each frame (T, 3), its yaw (T,) and where each action commands it (T, 3), by forward kinematics
+    offset: np.ndarray | None = None
+    ee_state: np.ndarray | None = None
+    hand_yaw: np.ndarray | None = None
+    ee_action: np.ndarray | None = None
 
 
 def targets(subtask_index: np.ndarray, n_subtasks: int, success: bool, gamma: float,
@@ -79,14 +86,16 @@ def targets(subtask_index: np.ndarray, n_subtasks: int, success: bool, gamma: fl
 
 
 class GoalDistanceReplay:
-    """Per-frame distance (m, table plane) of the task's final-goal cube to its target, by replaying an
-    episode's stored actions from its scene seed, blind (the simulator is deterministic per seed; a replay that
-    does not end as the episode did is an error)."""
+    """Per-frame distance (m, table plane) of the task's final-goal cube to its target and, for placement goals,
+    the offset target - cube (m, table plane), by replaying an episode's stored actions from its scene seed,
+    blind (the simulator is deterministic per seed; a replay that does not end as the episode did is an error)."""
 
     def __init__(self, robot: str):
         self.robot, self.envs = robot, {}
 
-    def __call__(self, task: str, seed: int, actions: np.ndarray, success: bool, where: str) -> np.ndarray:
+    def __call__(self, task: str, seed: int, actions: np.ndarray, success: bool,
+                 where: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """(distance (T,), offset (T, 2) or None for a lift goal)."""
         from vla_stack.sim.env import TabletopEnv
 
         if task not in self.envs:
@@ -94,27 +103,28 @@ class GoalDistanceReplay:
         env = self.envs[task]
         env.reset(seed=seed)
         goal = env.task.final_goals[-1]
-        out, ended = np.zeros(len(actions), np.float32), False
+        distance, offset, ended = np.zeros(len(actions), np.float32), np.zeros((len(actions), 2), np.float32), False
         for t, action in enumerate(actions):
-            out[t] = self._distance(env.sim, goal)
+            distance[t], offset[t] = self._measure(env.sim, goal)
             if not ended:
                 ended = any(env.step_unobserved(action))
         if bool(env.success()) != success:
             raise VlaStackError(f"{where}: replaying seed {seed} ends {'without' if success else 'with'} success, "
                                 "the stored episode did not (recorded with another simulator version?)")
-        return out
+        return distance, (None if goal.kind == "lift" else offset)
 
     @staticmethod
-    def _distance(sim, goal) -> float:
+    def _measure(sim, goal) -> tuple[float, np.ndarray]:
         from vla_stack.sim.robots import TABLE_Z
 
         pos = sim.cube_pos(goal.cube)
         if goal.kind == "lift":  # the height still missing to the lift detector's
             half = sim.robot.cube_half
-            return max(0.0, 2 * half + 0.01 - (pos[2] - TABLE_Z - half))
+            return max(0.0, 2 * half + 0.01 - (pos[2] - TABLE_Z - half)), np.zeros(2)
         target = (sim.receptacle_pos(goal.target) if goal.kind in ("in", "centre") else
                   sim.cube_pos(goal.target) if goal.kind == "on" else np.asarray(goal.xy))
-        return float(np.hypot(pos[0] - target[0], pos[1] - target[1]))
+        offset = np.asarray(target[:2], np.float64) - pos[:2]
+        return float(np.hypot(*offset)), offset
 
     def close(self) -> None:
         for env in self.envs.values():
@@ -161,11 +171,22 @@ def _load_stores(paths: list[str], cfg: WmConfig, max_per_store: int | None, pro
                 if meta.seed is None or not meta.task or meta.extra.get("arm_noise", 0.0) > 0:
                     raise VlaStackError(f"{path}: episode {i} cannot be replayed for goal distances (no scene seed "
                                         "or task, or DART demos: their stored actions are not the executed ones)")
-                distance = replay(meta.task, meta.seed, data["action"], success, f"{path} episode {i}")
+                distance, offset = replay(meta.task, meta.seed, data["action"], success, f"{path} episode {i}")
                 prog = np.exp(-distance / cfg.goal_distance_scale).astype(np.float32)
             ep = WmEpisode(meta.instruction, images, data["state"].astype(np.float32),
                            data["action"].astype(np.float32), value, prog, success, Path(path).name, meta.seed,
                            _branches(meta.extra.get("branches", []), len(data["action"]), cfg, path))
+            if cfg.goal_offset:
+                if offset is None:
+                    raise VlaStackError(f"{path}: episode {i} ({meta.task}) ends in a lift goal; goal_offset "
+                                        "models are for placement tasks")
+                fk = grasp_site_fk(cfg.robot)
+                ep.offset = offset
+                ee_state, yaw = fk.poses(ep.state[:, :fk.arm_dof])
+                ep.ee_state, ep.hand_yaw = ee_state.astype(np.float32), yaw.astype(np.float32)
+                ep.ee_action = fk.positions(ep.action[:, :fk.arm_dof]).astype(np.float32)
+                for b in ep.branches:
+                    b["ee_chunk"] = fk.positions(b["chunk"][:, :fk.arm_dof]).astype(np.float32)
             (val if n % VAL_EVERY == VAL_EVERY - 1 else train).append(ep)
     return train, val
 
@@ -208,6 +229,12 @@ class ChunkSampler:
         self.branch_episode = np.array([i for i, _ in branches], dtype=np.int64)
         self.branch_chunk = torch.from_numpy(np.stack([b["chunk"] for _, b in branches])) if branches else None
         self.branch_value = torch.tensor([float(b["value"]) for _, b in branches])
+        if cfg.goal_offset:
+            self.offset = torch.from_numpy(np.concatenate([e.offset for e in episodes]))
+            self.ee_state = torch.from_numpy(np.concatenate([e.ee_state for e in episodes]))
+            self.hand_yaw = torch.from_numpy(np.concatenate([e.hand_yaw for e in episodes]))
+            self.ee_action = torch.from_numpy(np.concatenate([e.ee_action for e in episodes]))
+            self.branch_ee = torch.from_numpy(np.stack([b["ee_chunk"] for _, b in branches])) if branches else None
 
     def __len__(self) -> int:
         return len(self.ep_of)
@@ -242,16 +269,28 @@ class ChunkSampler:
             "prior_weight": torch.from_numpy(self.success[ep].astype(np.float32)),
             "instructions": [self.instructions[i] for i in ep],
         }
+        if self.cfg.goal_offset:
+            out.update(offset=self.offset[torch.from_numpy(frames)], hand_yaw=self.hand_yaw[torch.from_numpy(frames)],
+                       ee_state=self.ee_state[torch.from_numpy(frames[:, 0])],
+                       ee_actions=self.ee_action[torch.from_numpy(act_idx)])
         if branch_size and len(self.branch_frame):
             pick = rng.integers(0, len(self.branch_frame), branch_size)
             frames = self.branch_frame[pick]
+            at = torch.from_numpy(frames)
+            first = frames == self.start[self.branch_episode[pick]]
+            command = self.action[torch.from_numpy(np.maximum(frames - 1, 0))]
+            command[torch.from_numpy(first)] = self.state[at[torch.from_numpy(first)]]
             out["branch"] = {
                 "images": torch.from_numpy(self.images[frames]).permute(0, 1, 4, 2, 3).float() / 255.0,
-                "state": self.state[torch.from_numpy(frames)],
+                "state": self.state[at],
+                "command": command,
                 "actions": self.branch_chunk[torch.from_numpy(pick)],
                 "value": self.branch_value[torch.from_numpy(pick)],
                 "instructions": [self.instructions[i] for i in self.branch_episode[pick]],
             }
+            if self.cfg.goal_offset:
+                out["branch"].update(offset=self.offset[at], ee_state=self.ee_state[at],
+                                     ee_actions=self.branch_ee[torch.from_numpy(pick)])
         return out
 
 

@@ -1,0 +1,54 @@
+"""Forward kinematics of the grasp site for batches of arm joint vectors, on the robot-only MuJoCo model (the
+same model the IK and the simulator use). ~3 us a row here: cheap enough for a planner's inner loop."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import mujoco
+import numpy as np
+
+from vla_stack.errors import VlaStackError
+from vla_stack.sim.robots import get_robot, load_robot_spec
+
+
+class GraspSiteFK:
+    def __init__(self, robot: str):
+        self.robot = get_robot(robot)
+        self.model = load_robot_spec(robot).compile()
+        self.data = mujoco.MjData(self.model)
+        m = self.model
+        self._qpos = np.array([m.jnt_qposadr[m.joint(j).id] for j in self.robot.arm_joints])
+        self._site = m.site("grasp_site").id
+        self._base = np.asarray(self.robot.base_pos, np.float64)
+
+    @property
+    def arm_dof(self) -> int:
+        return len(self._qpos)
+
+    def positions(self, q_arm: np.ndarray) -> np.ndarray:
+        """(..., arm_dof) joint positions -> (..., 3) world positions of the grasp site."""
+        return self.poses(q_arm)[0]
+
+    def poses(self, q_arm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(..., arm_dof) joint positions -> world positions (..., 3) of the grasp site and its yaw (...,): the
+        angle of its x axis (the jaw axis) about world z."""
+        q = np.asarray(q_arm, np.float64)
+        if q.shape[-1] != self.arm_dof:
+            raise VlaStackError(f"{self.robot.name} has {self.arm_dof} arm joints, got vectors of {q.shape[-1]}")
+        flat = q.reshape(-1, self.arm_dof)
+        pos, yaw = np.empty((len(flat), 3)), np.empty(len(flat))
+        d = self.data
+        for i, row in enumerate(flat):
+            d.qpos[self._qpos] = row
+            mujoco.mj_kinematics(self.model, d)
+            pos[i] = d.site_xpos[self._site]
+            x_axis = d.site_xmat[self._site].reshape(3, 3)[:, 0]
+            yaw[i] = np.arctan2(x_axis[1], x_axis[0])
+        return (pos + self._base).reshape(*q.shape[:-1], 3), yaw.reshape(q.shape[:-1])
+
+
+@lru_cache(maxsize=None)
+def grasp_site_fk(robot: str) -> GraspSiteFK:
+    """One shared instance per robot (compiling the model takes ~50 ms; a planner asks at every decision)."""
+    return GraspSiteFK(robot)
