@@ -194,3 +194,26 @@ def test_bench_planner_reports_the_planners_own_decisions(wm_checkpoint):
     assert 0 <= d["decisions_over_deadline"] <= 3 and 0 <= d["decisions_with_1000_rollouts"] <= 3
     assert d["decision_ms_p50"] >= d["proposal_ms_p50"] and d["decision_ms_max"] >= d["decision_ms_p50"]
     assert [row["batch"] for row in r["throughput"]] == [1, 8, 32, 128, 512]
+
+
+def test_critic_check_scores_every_candidate_in_the_simulator_and_leaves_the_episode_alone(env, wm_checkpoint):
+    from vla_stack.paths import share_dir
+    from vla_stack.planners.world_model.critic_check import critic_check, try_candidates
+
+    env.reset(seed=3)
+    before = env.sim.get_state().copy()
+    still = np.repeat(np.r_[env.sim.arm_qpos(), 0.0][None], 8, 0).astype(np.float32)
+    away = still.copy()
+    away[:, 0] += 0.3  # swings the arm; nothing is grasped either way
+    truth = try_candidates(env, np.stack([still, away, still]))
+    np.testing.assert_array_equal(env.sim.get_state(), before)  # restored bit for bit
+    assert truth[0] == truth[2] and 0.0 <= truth.min() and truth.max() <= 0.5  # deterministic, no success
+    vla = share_dir("policies") / "vla_tiny"
+    out = {mode: critic_check("pick", "panda", 1, 1_000_000, vla, wm_checkpoint, mode, k=3, max_steps=16,
+                              progress=False) for mode in ("oracle", "model")}
+    for result in out.values():
+        assert len(result["decisions"]) == 2 and all(len(d["truth"]) == 3 == len(d["scores"]) for d in result["decisions"])
+    # both runs start from the same state with the same samples: the simulator's scores reproduce
+    assert out["oracle"]["decisions"][0]["truth"] == out["model"]["decisions"][0]["truth"]
+    with pytest.raises(VlaStackError, match="goal_offset"):
+        critic_check("pick", "panda", 1, 1_000_000, vla, wm_checkpoint, "model", true_offset=True, progress=False)
