@@ -9,7 +9,8 @@ episode is restored afterwards) and scored by what happened: 1 if the task succe
 best_of_k does. Which one is executed: `model` (the world model's pick: best_of_k's episodes), `oracle` (the
 truly best: VLAPS-style planning in the simulator, the ceiling of any one-step critic over these candidates) or
 `first` (the VLA's own first sample). `--true-offset` replaces a goal_offset model's reading of the offset at
-the root by the simulator's (privileged: what a perfect offset reader would give the same critic).
+the root by the simulator's (privileged: what a perfect offset reader would give the same critic), plus
+Gaussian noise of `--offset-noise` metres per axis if given (how precise a reader must be).
 
 Reports success and, over the decisions whose candidates' true scores differ, the mean true score of the
 critic's pick against a random pick and the best, and the rank correlation between the two."""
@@ -52,7 +53,8 @@ def try_candidates(env, chunks: np.ndarray) -> np.ndarray:
 
 def critic_check(task: str, robot: str, episodes: int, seed_start: int, vla_path: str | Path,
                  wm_path: str | Path | None, execute: str = "model", k: int = 8, progress_weight: float = 0.25,
-                 true_offset: bool = False, max_steps: int | None = None, progress: bool = True) -> dict:
+                 true_offset: bool = False, offset_noise: float = 0.0, max_steps: int | None = None,
+                 progress: bool = True) -> dict:
     from scipy.stats import spearmanr
     from tqdm import tqdm
 
@@ -69,6 +71,8 @@ def critic_check(task: str, robot: str, episodes: int, seed_start: int, vla_path
     wm = load_world_model(wm_path)[0] if wm_path is not None else None
     if true_offset and (wm is None or not wm.config.goal_offset):
         raise VlaStackError("--true-offset is for goal_offset world models")
+    if offset_noise and not true_offset:
+        raise VlaStackError("--offset-noise perturbs the simulator's offset: it needs --true-offset")
     vla = load_vla_policy(vla_path, robot, async_inference=False)
     planner = WorldModelPlanner(vla, wm, robot, k=k, mode="best_of_k") if wm is not None else None
     H = wm.config.chunk if wm is not None else vla.config.n_action_steps
@@ -79,6 +83,7 @@ def critic_check(task: str, robot: str, episodes: int, seed_start: int, vla_path
             obs, info = env.reset(seed=seed)
             vla.reset(seed=seed)
             generator = torch.Generator().manual_seed(seed)
+            noise = np.random.default_rng(seed)
             command, done = None, False
             while not done:
                 vla.observe(obs)
@@ -91,7 +96,8 @@ def critic_check(task: str, robot: str, episodes: int, seed_start: int, vla_path
                     root = lsm.root(z, obs["state"] if command is None else command, obs["state"], images)
                     if true_offset:
                         at = wm.config.latent_dim + wm.config.action_dim
-                        root[at:at + 2] = GoalDistanceReplay._measure(env.sim, env.task.final_goals[-1])[1]
+                        root[at:at + 2] = (GoalDistanceReplay._measure(env.sim, env.task.final_goals[-1])[1]
+                                           + noise.normal(0.0, offset_noise, 2))
                     with torch.inference_mode():
                         norm = wm.norm_action(torch.from_numpy(chunks)).numpy()
                     scores = lsm.evaluate(lsm.dynamics(np.repeat(root[None], k, 0), norm))
@@ -111,6 +117,7 @@ def critic_check(task: str, robot: str, episodes: int, seed_start: int, vla_path
     finally:
         env.close()
     out = {"task": task, "robot": robot, "execute": execute, "k": k, "true_offset": true_offset,
+           "offset_noise": offset_noise if true_offset else None,
            "episodes": episodes, "successes": sum(e["success"] for e in per_episode), "per_episode": per_episode}
     differ = [d for d in decisions if d["scores"] is not None and np.ptp(d["truth"]) > 0.05]
     if differ:
@@ -141,13 +148,14 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--progress-weight", type=float, default=0.25)
     ap.add_argument("--true-offset", action="store_true")
+    ap.add_argument("--offset-noise", type=float, default=0.0, help="m per axis, added to --true-offset")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     try:
         out = critic_check(args.task, args.robot, args.episodes, args.seed_start,
                            args.vla or share_dir("policies") / "vla_tiny", args.wm, args.execute, args.k,
-                           args.progress_weight, args.true_offset)
+                           args.progress_weight, args.true_offset, args.offset_noise)
     except VlaStackError as exc:
         raise SystemExit(f"error: {exc}") from None
     print(f"{args.execute}: {out['successes']}/{out['episodes']} succeeded")
