@@ -1,8 +1,10 @@
 """World-model training: `vla-stack train-wm --config policies/wm_tiny.yaml`.
 
 YAML sections: `model:` (WmConfig fields), `data:` (zarr episode stores: expert demos and the non-expert
-rollouts of collect.py; failures included), `train:` (TrainConfig). Every 20th episode of each store is held out
-for the prediction-quality report written at the end (quality.json next to the checkpoint)."""
+rollouts of collect.py; failures included), `train:` (TrainConfig). Episodes of every 20th scene (seed 19 mod 20;
+without a seed, every 20th episode of its store) are held out for the prediction-quality report written at the end
+(quality.json next to the checkpoint): by scene, because stores may share seeds (the demos and the VLA rollouts
+of one family do), and a model that has seen a scene is not tested by it."""
 
 from __future__ import annotations
 
@@ -187,7 +189,8 @@ def _load_stores(paths: list[str], cfg: WmConfig, max_per_store: int | None, pro
                 ep.ee_action = fk.positions(ep.action[:, :fk.arm_dof]).astype(np.float32)
                 for b in ep.branches:
                     b["ee_chunk"] = fk.positions(b["chunk"][:, :fk.arm_dof]).astype(np.float32)
-            (val if n % VAL_EVERY == VAL_EVERY - 1 else train).append(ep)
+            index = n if meta.seed is None else meta.seed
+            (val if index % VAL_EVERY == VAL_EVERY - 1 else train).append(ep)
     return train, val
 
 
