@@ -74,7 +74,7 @@ class WmConfig:
     # end-effector motion from the latent alone
     heads_command: bool = False
     # the search latent also carries the goal cube's offset from its target in the table plane (m): read from
-    # the images by an offset head (trained on replayed positions), moved with the commanded grasp-site motion
+    # the images by an offset reader (trained on replayed positions), moved with the commanded grasp-site motion
     # (the robot model's forward kinematics) while the gripper holds, frozen once it opens; the heads read it.
     # Candidate chunks from one state differ by millimetres where they release; a latent alone does not
     # resolve that (needs heads_command and progress_target goal_distance)
@@ -131,7 +131,7 @@ def goal_tokens(instruction: str, buckets: int) -> list[int]:
 
 
 GRIP_CLOSED = 0.5  # normalised gripper command above which the hand holds what it grasped
-OFFSET_UNIT = 0.1  # m: the offset head's output unit
+OFFSET_UNIT = 0.1  # m: the offset reader's output unit
 
 
 def held_steps(prev_grip: torch.Tensor, grip: torch.Tensor) -> torch.Tensor:
@@ -347,7 +347,7 @@ class WorldModel(nn.Module):
         p_t = torch.cat([batch["progress"].flatten(), batch["progress"][:, 2], batch["progress"][:, 3]])
         oo = None
         info_extra = {}
-        if cfg.goal_offset:  # offset head on encoded latents; the heads read labelled offsets, carried through chunks
+        if cfg.goal_offset:  # the reader learns the offsets; the heads read the labels (blurred), carried through chunks
             offsets = batch["offset"]  # (B, F, 2) m
             at = [0, 2]  # the reader at frames t and t+H (all four would double its cost for little)
             read = self.goal_offset_of(batch["images"][:, at].flatten(0, 1), batch["state"][:, at].flatten(0, 1),
@@ -442,7 +442,8 @@ class LatentSearchModel:
     prior for sampling (beta); pi is the prior itself, so Sampled MuZero's correction is non-trivial.
     A search latent is z, then for heads_command models the last normalised command (dynamics carries each
     chunk's last step along), then for goal_offset models the goal offset and the grasp-site position it refers
-    to (dynamics moves the offset with the held cube, carry_offset): `root(z, command, state)` builds the root's."""
+    to (dynamics moves the offset with the held cube, carry_offset): `root(z, command, state, images)` builds
+    the root's."""
 
     model: WorldModel
     goal: torch.Tensor  # (1, G) embedding of the current instruction
