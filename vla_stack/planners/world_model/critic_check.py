@@ -32,7 +32,7 @@ EXECUTE = ("model", "oracle", "first")
 def true_score(env, goal, succeeded: bool, scale: float = 0.01) -> float:
     from vla_stack.planners.world_model.train import GoalDistanceReplay
 
-    return 1.0 if succeeded else 0.5 * float(np.exp(-GoalDistanceReplay._measure(env.sim, goal)[0] / scale))
+    return 1.0 if succeeded else 0.5 * float(np.exp(-GoalDistanceReplay.measure(env.sim, goal)[0] / scale))
 
 
 def try_candidates(env, chunks: np.ndarray) -> np.ndarray:
@@ -96,7 +96,7 @@ def critic_check(task: str, robot: str, episodes: int, seed_start: int, vla_path
                     root = lsm.root(z, obs["state"] if command is None else command, obs["state"], images)
                     if true_offset:
                         at = wm.config.latent_dim + wm.config.action_dim
-                        root[at:at + 2] = (GoalDistanceReplay._measure(env.sim, env.task.final_goals[-1])[1]
+                        root[at:at + 2] = (GoalDistanceReplay.measure(env.sim, env.task.final_goals[-1])[1]
                                            + noise.normal(0.0, offset_noise, 2))
                     with torch.inference_mode():
                         norm = wm.norm_action(torch.from_numpy(chunks)).numpy()

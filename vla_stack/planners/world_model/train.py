@@ -107,7 +107,7 @@ class GoalDistanceReplay:
         goal = env.task.final_goals[-1]
         distance, offset, ended = np.zeros(len(actions), np.float32), np.zeros((len(actions), 2), np.float32), False
         for t, action in enumerate(actions):
-            distance[t], offset[t] = self._measure(env.sim, goal)
+            distance[t], offset[t] = self.measure(env.sim, goal)
             if not ended:
                 ended = any(env.step_unobserved(action))
         if bool(env.success()) != success:
@@ -116,7 +116,8 @@ class GoalDistanceReplay:
         return distance, (None if goal.kind == "lift" else offset)
 
     @staticmethod
-    def _measure(sim, goal) -> tuple[float, np.ndarray]:
+    def measure(sim, goal) -> tuple[float, np.ndarray]:
+        """(distance, offset target - cube) of `goal` in the simulator's current state (also critic_check's truth)."""
         from vla_stack.sim.robots import TABLE_Z
 
         pos = sim.cube_pos(goal.cube)
