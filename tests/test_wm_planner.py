@@ -217,3 +217,40 @@ def test_critic_check_scores_every_candidate_in_the_simulator_and_leaves_the_epi
     assert out["oracle"]["decisions"][0]["truth"] == out["model"]["decisions"][0]["truth"]
     with pytest.raises(VlaStackError, match="goal_offset"):
         critic_check("pick", "panda", 1, 1_000_000, vla, wm_checkpoint, "model", true_offset=True, progress=False)
+
+
+def test_goal_offset_planner_keeps_its_last_readings_and_scores_once_it_has_both(vla):
+    from vla_stack.evaluation import run_episode
+    from vla_stack.planners.world_model.policy import WorldModelPlanner
+    from vla_stack.sim.env import TabletopEnv
+
+    cfg = WmConfig(robot="panda", image_size=32, channels=(8, 8), latent_dim=16, hidden=32, predictor_hidden=64,
+                   heads_command=True, progress_target="goal_distance", goal_offset=True, keypoint_channels=8,
+                   keypoint_image_size=64)
+    wm = WorldModel(cfg).eval()
+    nan = np.nan
+    readings, seen = [], []
+
+    def read(frames, state, instruction):  # (target, cube) positions as a reader that loses sight of one would
+        seen.append(frames.shape)
+        return None, np.array(readings.pop(0), float)
+
+    wm.read_goal_offset = read
+    planner = WorldModelPlanner(vla, wm, "panda", k=4, mode="best_of_k")
+    env = TabletopEnv("place_centre", "panda", image_size=64, max_steps=24)
+    try:
+        obs, _ = env.reset(seed=1_000_000)
+        readings += [[[nan, nan], [0.3, 0.1]], [[0.5, 0.0], [nan, nan]], [[nan, nan], [0.45, 0.05]]]
+        assert planner.read_offset(obs, "x") is None  # the target never seen yet
+        assert np.allclose(planner.read_offset(obs, "x"), [0.2, -0.1])  # the cube from the first reading
+        assert np.allclose(planner.read_offset(obs, "x"), [0.05, -0.05])  # the target from the second
+        assert seen[0] == (2, 64, 64, 3)
+        readings += [[[nan, nan], [0.3, 0.1]]] + [[[0.5, 0.0], [0.3, 0.1]]] * 2
+        record, _ = run_episode(env, planner, seed=1_000_000)  # reset forgets: the first decision is the VLA's
+        m = record["planner"]
+        assert m["decisions"] == 3 and m["unscored"] == 1 and m["rollouts_mean"] == 4
+        no_wrist = {**obs, "images": {"front": obs["images"]["front"]}}
+        with pytest.raises(VlaStackError, match="wrist camera"):
+            planner.read_offset(no_wrist, "x")
+    finally:
+        env.close()

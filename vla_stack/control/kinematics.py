@@ -1,4 +1,4 @@
-"""Forward kinematics of the grasp site for batches of arm joint vectors, on the robot-only MuJoCo model (the
+"""Forward kinematics of the grasp site (and the wrist camera) for batches of arm joint vectors, on the robot-only MuJoCo model (the
 same model the IK and the simulator use). ~3 us a row here: cheap enough for a planner's inner loop."""
 
 from __future__ import annotations
@@ -46,6 +46,20 @@ class GraspSiteFK:
             x_axis = d.site_xmat[self._site].reshape(3, 3)[:, 0]
             yaw[i] = np.arctan2(x_axis[1], x_axis[0])
         return (pos + self._base).reshape(*q.shape[:-1], 3), yaw.reshape(q.shape[:-1])
+
+    def camera_frame(self, q_arm: np.ndarray, camera: str = "wrist") -> tuple[np.ndarray, np.ndarray, float]:
+        """One arm joint vector -> the hand-mounted `camera` in the world as tabletop.front_camera_frame gives
+        the fixed one: (position (3,), rotation (3, 3), columns right / up / backward, focal length)."""
+        q = np.asarray(q_arm, np.float64).reshape(-1)
+        if q.shape[0] != self.arm_dof:
+            raise VlaStackError(f"{self.robot.name} has {self.arm_dof} arm joints, got {q.shape[0]}")
+        m, d = self.model, self.data
+        d.qpos[self._qpos] = q
+        mujoco.mj_kinematics(m, d)
+        mujoco.mj_camlight(m, d)
+        cam = m.camera(camera).id
+        focal = 1.0 / np.tan(np.radians(m.cam_fovy[cam]) / 2)
+        return d.cam_xpos[cam] + self._base, d.cam_xmat[cam].reshape(3, 3).copy(), float(focal)
 
 
 @lru_cache(maxsize=None)

@@ -21,19 +21,33 @@ FRONT_FOVY = 50.0  # degrees
 FRONT_UP = (-1.0, 0.0, 0.0)  # image up points away from the robot base
 
 
-def front_camera_coords(robot: RobotSpec, points) -> np.ndarray:
-    """World points (..., 3) -> where they appear in the fixed front camera: (..., 2) as (column, row) in
-    [-1, 1], left to right and top to bottom (a pinhole camera of FRONT_FOVY, as MuJoCo renders it).
-    Privileged training labels (where the named cube is) come from this."""
+def front_camera_frame(robot: RobotSpec) -> tuple[np.ndarray, np.ndarray, float]:
+    """The fixed front camera as (position (3,), rotation (3, 3) whose columns are its right, up and backward
+    axes in the world, focal length in half-image units): MuJoCo's camera convention, as it renders it."""
     eye, target = np.asarray(robot.front_camera_pos, float), np.asarray(robot.front_camera_target, float)
     back = (eye - target) / np.linalg.norm(eye - target)
     right = np.cross(FRONT_UP, back)
     right /= np.linalg.norm(right)
-    up = np.cross(back, right)
-    rel = np.asarray(points, float) - eye
-    depth = -(rel @ back)
-    focal = 1.0 / math.tan(math.radians(FRONT_FOVY) / 2)
-    return np.stack([focal * (rel @ right) / depth, -focal * (rel @ up) / depth], -1)
+    return eye, np.stack([right, np.cross(back, right), back], 1), 1.0 / math.tan(math.radians(FRONT_FOVY) / 2)
+
+
+def front_camera_coords(robot: RobotSpec, points) -> np.ndarray:
+    """World points (..., 3) -> where they appear in the fixed front camera: (..., 2) as (column, row) in
+    [-1, 1], left to right and top to bottom (a pinhole camera of FRONT_FOVY, as MuJoCo renders it).
+    Privileged training labels (where the named cube is) come from this."""
+    eye, rotation, focal = front_camera_frame(robot)
+    rel = (np.asarray(points, float) - eye) @ rotation
+    depth = -rel[..., 2]
+    return np.stack([focal * rel[..., 0] / depth, -focal * rel[..., 1] / depth], -1)
+
+
+def camera_rays(position: np.ndarray, rotation: np.ndarray, focal: float, coords) -> np.ndarray:
+    """Inverse of a camera's projection: image points (..., 2) (column, row) in [-1, 1] -> unit directions
+    (..., 3) in the world of the rays from `position` through them (camera frame as front_camera_frame's)."""
+    coords = np.asarray(coords, float)
+    local = np.stack([coords[..., 0] / focal, -coords[..., 1] / focal, -np.ones(coords.shape[:-1])], -1)
+    world = local @ np.asarray(rotation).T
+    return world / np.linalg.norm(world, axis=-1, keepdims=True)
 
 
 @dataclass

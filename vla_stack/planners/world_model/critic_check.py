@@ -81,7 +81,7 @@ def critic_check(task: str, robot: str, episodes: int, seed_start: int, vla_path
     try:
         for seed in tqdm(range(seed_start, seed_start + episodes), desc=f"critic check {execute}", disable=not progress):
             obs, info = env.reset(seed=seed)
-            vla.reset(seed=seed)
+            (vla if planner is None else planner).reset(seed=seed)
             generator = torch.Generator().manual_seed(seed)
             noise = np.random.default_rng(seed)
             command, done = None, False
@@ -90,19 +90,22 @@ def critic_check(task: str, robot: str, episodes: int, seed_start: int, vla_path
                 chunks = sample_vla_chunks(vla, obs, k, generator)[:, :H]
                 truth = try_candidates(env, chunks)
                 scores = None
+                root = None
                 if wm is not None:
                     lsm = LatentSearchModel(wm, wm.embed_goal([obs["instruction"]]), progress_weight)
-                    z, images = planner._encode(obs)
-                    root = lsm.root(z, obs["state"] if command is None else command, obs["state"], images)
                     if true_offset:
-                        at = wm.config.latent_dim + wm.config.action_dim
-                        root[at:at + 2] = (GoalDistanceReplay.measure(env.sim, env.task.final_goals[-1])[1]
-                                           + noise.normal(0.0, offset_noise, 2))
+                        offset = (GoalDistanceReplay.measure(env.sim, env.task.final_goals[-1])[1]
+                                  + noise.normal(0.0, offset_noise, 2))
+                        root = lsm.root(planner._encode(obs), obs["state"] if command is None else command,
+                                        obs["state"], offset)
+                    else:
+                        root = planner.root(obs, lsm, obs["instruction"], command)
+                if root is not None:
                     with torch.inference_mode():
                         norm = wm.norm_action(torch.from_numpy(chunks)).numpy()
                     scores = lsm.evaluate(lsm.dynamics(np.repeat(root[None], k, 0), norm))
-                pick = {"model": lambda: int(np.argmax(scores)), "oracle": lambda: int(np.argmax(truth)),
-                        "first": lambda: 0}[execute]()
+                pick = {"model": lambda: 0 if scores is None else int(np.argmax(scores)),
+                        "oracle": lambda: int(np.argmax(truth)), "first": lambda: 0}[execute]()
                 decisions.append({"seed": seed, "t": env.steps, "truth": truth.round(5).tolist(),
                                   "scores": None if scores is None else scores.round(5).tolist()})
                 for i, action in enumerate(chunks[pick]):

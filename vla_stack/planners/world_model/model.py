@@ -4,8 +4,9 @@
     z_{t+1..t+H} = z_t + predict(z_t, a_t..a_{t+H-1})                        one call per action chunk of H steps
     value(z, g), progress(z, g)                                              heads, g = instruction embedding
     prior(z, g) -> N(mu, sigma) over a normalised H-step chunk               latent proposal for deep tree nodes
-    goal offset (goal_offset models)                                          target - cube, read from the images,
-                                                                             moved with the held cube by kinematics
+    goal offset (goal_offset models)                                          target - cube, read from the images
+                                                                             (keypoints.py), moved with the held
+                                                                             cube by kinematics
 
 Trained end to end with next-latent MSE (at a random offset inside the chunk, at the chunk end and one chunk
 further, through the predictor's own output) plus SIGReg on the embeddings (LeWorldModel's single
@@ -74,17 +75,15 @@ class WmConfig:
     # end-effector motion from the latent alone
     heads_command: bool = False
     # the search latent also carries the goal cube's offset from its target in the table plane (m): read from
-    # the images by an offset reader (trained on replayed positions), moved with the commanded grasp-site motion
-    # (the robot model's forward kinematics) while the gripper holds, frozen once it opens; the heads read it.
-    # Candidate chunks from one state differ by millimetres where they release; a latent alone does not
-    # resolve that (needs heads_command and progress_target goal_distance)
+    # the cameras by a keypoint reader (keypoints.py: pixel keypoints + camera geometry, trained on replayed
+    # positions after the world model), moved with the commanded grasp-site motion (the robot model's forward
+    # kinematics) while the gripper holds, frozen once it opens; the heads read it. Candidate chunks from one
+    # state differ by millimetres where they release; a latent alone does not resolve that (needs
+    # heads_command and progress_target goal_distance)
     goal_offset: bool = False
     offset_label_noise: float = 0.003  # m: the heads train on labelled offsets blurred by about the reader's error
-    offset_channels: int = 32  # the offset reader's CNN width
-    offset_keypoints: int = 16  # its soft-argmax keypoints per camera
-    # the reader's loss counts frames farther than this from the target (m) at a tenth: precision matters in
-    # the last centimetres, and the far frames (most of them) would otherwise take its capacity
-    offset_near: float = 0.06
+    keypoint_channels: int = 32  # the keypoint reader's CNN width
+    keypoint_image_size: int = 128  # it reads the cameras at this size (millimetres need more than the latent's)
     # loss weights
     sigreg_weight: float = 0.1
     sigreg_projections: int = 128
@@ -92,7 +91,6 @@ class WmConfig:
     progress_weight: float = 0.5
     prior_weight: float = 0.05
     branch_weight: float = 1.0  # value on predicted latents of branched rollouts (batch["branch"], when given)
-    offset_weight: float = 0.1
 
     def __post_init__(self) -> None:
         self.cameras, self.channels = tuple(self.cameras), tuple(self.channels)
@@ -104,6 +102,8 @@ class WmConfig:
             raise VlaStackError("chunk must be >= 1 and latent_dim >= 2")
         if self.goal_offset and not (self.heads_command and self.progress_target == "goal_distance"):
             raise VlaStackError("goal_offset needs heads_command: true and progress_target: goal_distance")
+        if self.keypoint_image_size % 4:
+            raise VlaStackError(f"keypoint_image_size {self.keypoint_image_size} must be divisible by 4")
 
     @property
     def search_dim(self) -> int:
@@ -130,8 +130,15 @@ def goal_tokens(instruction: str, buckets: int) -> list[int]:
     return [zlib.crc32(w.encode()) % buckets for w in words]
 
 
+def embed_instructions(bag: nn.EmbeddingBag, instructions: list[str]) -> torch.Tensor:
+    """(B, G): each instruction's words hashed into the bag's buckets and averaged."""
+    tokens = [goal_tokens(s, bag.num_embeddings) for s in instructions]
+    flat = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long)
+    offsets = torch.tensor(np.cumsum([0] + [len(ts) for ts in tokens[:-1]]), dtype=torch.long)
+    return bag(flat, offsets)
+
+
 GRIP_CLOSED = 0.5  # normalised gripper command above which the hand holds what it grasped
-OFFSET_UNIT = 0.1  # m: the offset reader's output unit
 
 
 def held_steps(prev_grip: torch.Tensor, grip: torch.Tensor) -> torch.Tensor:
@@ -178,36 +185,6 @@ class Encoder(nn.Module):
         return self.fuse(torch.cat([f, state], -1))
 
 
-class OffsetReader(nn.Module):
-    """The goal offset from the images: a small CNN at half the image resolution (per camera, shared weights),
-    its features modulated by the instruction (FiLM: which cube, which bowl), then per channel a soft argmax
-    (the expected image position of a keypoint: precise to a fraction of a pixel and the same wherever the scene
-    puts the objects, where a flattened CNN must learn every position from few scenes), and an MLP from the
-    keypoints, the joint state and the instruction to the offset in the hand's frame."""
-
-    def __init__(self, cfg: WmConfig):
-        super().__init__()
-        c, k = cfg.offset_channels, cfg.offset_keypoints
-        self.cnn = nn.Sequential(nn.Conv2d(3, c, 3, 1, 1), nn.GroupNorm(max(1, c // 8), c), nn.GELU(),
-                                 nn.Conv2d(c, c, 3, 2, 1), nn.GroupNorm(max(1, c // 8), c), nn.GELU(),
-                                 nn.Conv2d(c, c, 3, 1, 1), nn.GroupNorm(max(1, c // 8), c))
-        self.film = nn.Linear(cfg.goal_dim, 2 * c)
-        self.keypoints = nn.Conv2d(c, k, 1)
-        self.mlp = _mlp([len(cfg.cameras) * k * 2 + cfg.state_dim + cfg.goal_dim, cfg.hidden, cfg.hidden, 2])
-
-    def forward(self, images: torch.Tensor, state: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """images (B, cams, 3, S, S) in [0, 1], normalised state (B, state_dim), goal (B, G) -> (B, 2)."""
-        b, cams = images.shape[:2]
-        f = self.cnn(images.flatten(0, 1) * 2 - 1)
-        scale, shift = self.film(g).repeat_interleave(cams, 0)[..., None, None].chunk(2, 1)
-        logits = self.keypoints(F.gelu(f * (1 + scale) + shift))  # (B*cams, K, h, w)
-        h, w = logits.shape[-2:]
-        attention = logits.flatten(2).softmax(-1).view_as(logits)
-        ys, xs = torch.linspace(-1, 1, h), torch.linspace(-1, 1, w)
-        points = torch.stack([(attention.sum(2) * xs).sum(-1), (attention.sum(3) * ys).sum(-1)], -1)
-        return self.mlp(torch.cat([points.reshape(b, -1), state, g], -1))
-
-
 class WorldModel(nn.Module):
     def __init__(self, cfg: WmConfig):
         super().__init__()
@@ -220,7 +197,9 @@ class WorldModel(nn.Module):
         self.value_head = _mlp([D + G + C, cfg.hidden, cfg.hidden, 1])
         self.progress_head = _mlp([D + G + C, cfg.hidden, 1])
         if cfg.goal_offset:
-            self.offset_reader = OffsetReader(cfg)
+            from vla_stack.planners.world_model.keypoints import KeypointNet
+
+            self.keypoints = KeypointNet(G, cfg.goal_buckets, cfg.keypoint_channels)
         self.prior_head = _mlp([D + G, cfg.hidden, cfg.hidden, 2 * H * A])
         # normalisation of raw joint states / actions (set from the training data, saved with the weights)
         for name, dim in (("state", cfg.state_dim), ("action", cfg.action_dim)):
@@ -249,11 +228,7 @@ class WorldModel(nn.Module):
         return self.encoder(images, self.norm_state(state))
 
     def embed_goal(self, instructions: list[str]) -> torch.Tensor:
-        cfg = self.config
-        tokens = [goal_tokens(s, cfg.goal_buckets) for s in instructions]
-        flat = torch.tensor([t for ts in tokens for t in ts], dtype=torch.long)
-        offsets = torch.tensor(np.cumsum([0] + [len(ts) for ts in tokens[:-1]]), dtype=torch.long)
-        return self.goal(flat, offsets)
+        return embed_instructions(self.goal, instructions)
 
     def predict(self, z: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """z (B, D), normalised actions (B, H, A) -> latents after each of the H steps (B, H, D)."""
@@ -279,16 +254,17 @@ class WorldModel(nn.Module):
             parts += [torch.tanh(offset / (3 * s)), torch.exp(-offset.norm(dim=-1, keepdim=True) / s)]
         return torch.cat(parts, -1)
 
-    def goal_offset_of(self, images: torch.Tensor, state: torch.Tensor, g: torch.Tensor,
-                       hand_yaw: torch.Tensor) -> torch.Tensor:
-        """(B, 2) m: target - goal cube in the table plane, read from images (B, cams, 3, S, S) in [0, 1] and
-        the raw joint state (goal_offset models). The reader works in the hand's frame (the wrist camera turns
-        with the hand, and the hand turns with each grasp); the hand's measured yaw (B,) turns it into the world's."""
+    def read_goal_offset(self, frames: np.ndarray, state: np.ndarray, instruction: str) -> tuple[np.ndarray, np.ndarray]:
+        """(offset target - goal cube (2,) m, positions (target, cube) (2, 2) m; NaN where unread) from one
+        observation: camera frames (front, wrist) (2, S, S, 3) uint8 at keypoint_image_size and the measured
+        joint state (goal_offset models; see keypoints.KeypointOffsetReader)."""
         if not self.config.goal_offset:
             raise VlaStackError("this world model has no goal-offset reader (goal_offset: false)")
-        local = self.offset_reader(images, self.norm_state(state), g) * OFFSET_UNIT
-        c, s = torch.cos(hand_yaw), torch.sin(hand_yaw)
-        return torch.stack([c * local[:, 0] - s * local[:, 1], s * local[:, 0] + c * local[:, 1]], -1)
+        if getattr(self, "_reader", None) is None:
+            from vla_stack.planners.world_model.keypoints import KeypointOffsetReader
+
+            self._reader = KeypointOffsetReader(self.keypoints, self.config.robot)
+        return self._reader.read(frames, state, instruction)
 
     def value(self, z: torch.Tensor, g: torch.Tensor, command: torch.Tensor | None = None,
               offset: torch.Tensor | None = None) -> torch.Tensor:
@@ -318,8 +294,7 @@ class WorldModel(nn.Module):
         state (B, F, state_dim), command (B, F, A) raw (the action before each frame), frame_mask (B, F), k (B,) in
         1..H, actions (B, 2H, A) raw, action_mask
         (B, 2H), value / progress targets (B, F), prior_weight (B,), instruction list; for goal_offset models also
-        offset (B, F, 2) m labels, hand_yaw (B, F) the grasp site's yaw at each frame, ee_state (B, 3) its
-        position at frame t, ee_actions (B, 2H, 3) where each action puts it (forward kinematics)."""
+        offset (B, F, 2) m labels, ee_state (B, 3) the grasp site's position at frame t, ee_actions (B, 2H, 3) where each action puts it (forward kinematics)."""
         cfg = self.config
         B, F_ = batch["images"].shape[:2]
         z = self.encode(batch["images"].flatten(0, 1), batch["state"].flatten(0, 1)).view(B, F_, -1)
@@ -346,22 +321,13 @@ class WorldModel(nn.Module):
         v_t = torch.cat([batch["value"].flatten(), batch["value"][:, 2], batch["value"][:, 3]])
         p_t = torch.cat([batch["progress"].flatten(), batch["progress"][:, 2], batch["progress"][:, 3]])
         oo = None
-        info_extra = {}
-        if cfg.goal_offset:  # the reader learns the offsets; the heads read the labels (blurred), carried through chunks
+        if cfg.goal_offset:  # the heads read the labelled offsets (blurred), carried through the chunks
             offsets = batch["offset"]  # (B, F, 2) m
-            at = [0, 2]  # the reader at frames t and t+H (all four would double its cost for little)
-            read = self.goal_offset_of(batch["images"][:, at].flatten(0, 1), batch["state"][:, at].flatten(0, 1),
-                                       g.repeat_interleave(len(at), 0), batch["hand_yaw"][:, at].flatten())
-            labels = offsets[:, at].flatten(0, 1)
-            err = (read - labels) / cfg.goal_distance_scale
-            mo = m[:, at].flatten() * torch.where(labels.norm(dim=-1) < cfg.offset_near, 1.0, 0.1)
-            o_loss = (F.huber_loss(err, torch.zeros_like(err), reduction="none").sum(-1) * mo).sum() / mo.sum()
             noisy = offsets + cfg.offset_label_noise * torch.randn(offsets.shape, generator=generator)
             raw, ee = batch["actions"], batch["ee_actions"]  # (B, 2H, A) raw, (B, 2H, 3)
             o1 = self.carry_through(noisy[:, 0], batch["ee_state"], batch["command"][:, 0, -1], raw[:, :H], ee[:, :H])
             o2 = self.carry_through(o1, ee[:, H - 1], raw[:, H - 1, -1], raw[:, H:], ee[:, H:])
             oo = torch.cat([noisy.flatten(0, 1), o1, o2])
-            info_extra["offset"] = o_loss.detach()
         zz_logits = self.head_input(zz, gg, cc, oo)
         v_loss = (F.binary_cross_entropy_with_logits(self.value_head(zz_logits)[:, 0], v_t, reduction="none") * mm).sum() / mm.sum()
         p_loss = (F.binary_cross_entropy_with_logits(self.progress_head(zz_logits)[:, 0], p_t, reduction="none") * mm).sum() / mm.sum()
@@ -372,9 +338,7 @@ class WorldModel(nn.Module):
         total = (pred_loss + cfg.sigreg_weight * reg + cfg.value_weight * v_loss + cfg.progress_weight * p_loss
                  + cfg.prior_weight * prior_loss)
         info = {"pred": pred_loss.detach(), "sigreg": reg.detach(), "value": v_loss.detach(),
-                "progress": p_loss.detach(), "prior": prior_loss.detach(), **info_extra}
-        if cfg.goal_offset:
-            total = total + cfg.offset_weight * o_loss
+                "progress": p_loss.detach(), "prior": prior_loss.detach()}
         if "branch" in batch:  # Q(z, chunk) = value(predict(z, chunk)): which chunk from this state is better
             br = batch["branch"]
             ab = self.norm_action(br["actions"])
@@ -442,7 +406,7 @@ class LatentSearchModel:
     prior for sampling (beta); pi is the prior itself, so Sampled MuZero's correction is non-trivial.
     A search latent is z, then for heads_command models the last normalised command (dynamics carries each
     chunk's last step along), then for goal_offset models the goal offset and the grasp-site position it refers
-    to (dynamics moves the offset with the held cube, carry_offset): `root(z, command, state, images)` builds
+    to (dynamics moves the offset with the held cube, carry_offset): `root(z, command, state, offset)` builds
     the root's."""
 
     model: WorldModel
@@ -452,10 +416,10 @@ class LatentSearchModel:
     stats: dict = field(default_factory=lambda: {"dynamics_calls": 0, "rollouts": 0})
 
     def root(self, z: np.ndarray, command: np.ndarray | None = None, state: np.ndarray | None = None,
-             images: torch.Tensor | None = None) -> np.ndarray:
+             offset: np.ndarray | None = None) -> np.ndarray:
         """The search latent of an encoded observation; `command` = the last action sent (raw; None: the
-        joint state, as at an episode's start); goal_offset models also read the goal offset from `images`
-        (cams, 3, S, S) in [0, 1] and the measured joint `state` (raw)."""
+        joint state, as at an episode's start); goal_offset models also take the goal `offset` (2,) m as read
+        (WorldModel.read_goal_offset) and the measured joint `state` (raw), whose grasp-site position it refers to."""
         cfg = self.model.config
         z = np.asarray(z, np.float32)
         if not cfg.heads_command:
@@ -465,16 +429,15 @@ class LatentSearchModel:
         parts = [z]
         with torch.inference_mode():
             parts.append(self.model.norm_action(torch.as_tensor(np.asarray(command, np.float32))).numpy())
-            if cfg.goal_offset:
-                if state is None or images is None:
-                    raise VlaStackError("this world model reads the goal offset from the images and the measured "
-                                        "joint state; pass both")
-                state = np.asarray(state, np.float32)
-                position, yaw = self._fk.poses(state[: self._fk.arm_dof])
-                offset = self.model.goal_offset_of(torch.as_tensor(images, dtype=torch.float32)[None],
-                                                   torch.from_numpy(state)[None], self.goal,
-                                                   torch.tensor([float(yaw)]))
-                parts += [offset[0].numpy(), position.astype(np.float32)]
+        if cfg.goal_offset:
+            if state is None or offset is None:
+                raise VlaStackError("this world model's search latent holds the goal offset and the grasp site it "
+                                    "was read at: pass the offset and the measured joint state")
+            offset = np.asarray(offset, np.float32).reshape(-1)
+            if offset.shape != (2,) or not np.all(np.isfinite(offset)):
+                raise VlaStackError(f"the goal offset must be 2 finite numbers (m), got {offset}")
+            position = self._fk.positions(np.asarray(state, np.float64)[: self._fk.arm_dof])
+            parts += [offset, position.astype(np.float32)]
         return np.concatenate(parts, -1)
 
     @property

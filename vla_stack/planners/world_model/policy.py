@@ -84,9 +84,9 @@ class WorldModelPlanner:
         self._decisions: list[dict] = []
         self._goal_for: str | None = None
         self._command: np.ndarray | None = None  # the last action sent (the heads of some models read it)
+        self._positions: np.ndarray | None = None  # goal_offset models: last read (target, cube) positions, m
 
-    def _encode(self, obs: dict) -> tuple[np.ndarray, torch.Tensor]:
-        """(latent, the world model's view of the cameras (cams, 3, S, S) in [0, 1])."""
+    def _encode(self, obs: dict) -> np.ndarray:
         from vla_stack.policy.vla.dataset import resize_images
 
         cfg = self.wm.config
@@ -94,7 +94,33 @@ class WorldModelPlanner:
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
         state = torch.from_numpy(np.asarray(obs["state"], np.float32))[None]
         with torch.inference_mode():
-            return self.wm.encode(x[None], state)[0].numpy(), x
+            return self.wm.encode(x[None], state)[0].numpy()
+
+    def read_offset(self, obs: dict, instruction: str) -> np.ndarray | None:
+        """goal_offset models: target - goal cube (2,) m from this observation's cameras; a point the reader
+        cannot place now (hidden, outside both images) keeps its last reading this episode; None until both
+        have been read once."""
+        from vla_stack.planners.world_model.keypoints import CAMERAS
+        from vla_stack.policy.vla.dataset import resize_images
+
+        missing = [c for c in CAMERAS if c not in obs["images"]]
+        if missing:
+            raise VlaStackError(f"the world model's keypoint reader needs the {', '.join(missing)} camera(s)")
+        frames = resize_images(np.stack([np.asarray(obs["images"][c], np.uint8) for c in CAMERAS]),
+                               self.wm.config.keypoint_image_size)
+        _, positions = self.wm.read_goal_offset(frames, np.asarray(obs["state"]), instruction)
+        self._positions = positions if self._positions is None else np.where(np.isnan(positions), self._positions,
+                                                                            positions)
+        return None if np.isnan(self._positions).any() else self._positions[0] - self._positions[1]
+
+    def root(self, obs: dict, lsm: LatentSearchModel, instruction: str,
+             command: np.ndarray | None) -> np.ndarray | None:
+        """The search latent of an observation after `command` (the last action sent; None at an episode's
+        start); None: a goal_offset model has not read its offset yet."""
+        offset = self.read_offset(obs, instruction) if self.wm.config.goal_offset else None
+        if self.wm.config.goal_offset and offset is None:
+            return None
+        return lsm.root(self._encode(obs), obs["state"] if command is None else command, obs["state"], offset)
 
     def _plan(self, obs: dict) -> np.ndarray:
         t0 = time.perf_counter()
@@ -107,12 +133,12 @@ class WorldModelPlanner:
                 self._goal = self.wm.embed_goal([instruction])
             self._goal_for = instruction
         record = {"proposal_ms": (t1 - t0) * 1e3}
-        if self.mode == "first":
+        lsm = LatentSearchModel(self.wm, self._goal, self.progress_weight, self.temperature)
+        z = None if self.mode == "first" else self.root(obs, lsm, instruction, self._command)
+        if z is None:  # the VLA alone, or nothing to score with yet: its own first sample
             index = 0
+            record["unscored"] = self.mode != "first"
         else:
-            z, images = self._encode(obs)
-            lsm = LatentSearchModel(self.wm, self._goal, self.progress_weight, self.temperature)
-            z = lsm.root(z, obs["state"] if self._command is None else self._command, obs["state"], images)
             with torch.inference_mode():
                 norm = self.wm.norm_action(torch.from_numpy(chunks[:, :H])).numpy()
             if self.mode == "best_of_k":
@@ -165,12 +191,14 @@ class WorldModelPlanner:
                "decision_ms_p50": _pct([r["decision_ms"] for r in d], 50),
                "search_ms_p50": _pct([r["search_ms"] for r in d], 50),
                "proposal_ms_p50": _pct([r["proposal_ms"] for r in d], 50),
-               "non_first_choice": sum(r["index"] != 0 for r in d)}
-        if d and "rollouts" in d[0]:
-            out["rollouts_mean"] = round(float(np.mean([r["rollouts"] for r in d])), 1)
-        if d and "simulations" in d[0]:
-            out["simulations_mean"] = round(float(np.mean([r["simulations"] for r in d])), 1)
-            out["depth_max"] = int(max(r["depth"] for r in d))
+               "non_first_choice": sum(r["index"] != 0 for r in d),
+               "unscored": sum(r.get("unscored", False) for r in d)}
+        scored = [r for r in d if "rollouts" in r]
+        if scored:
+            out["rollouts_mean"] = round(float(np.mean([r["rollouts"] for r in scored])), 1)
+        if scored and "simulations" in scored[0]:
+            out["simulations_mean"] = round(float(np.mean([r["simulations"] for r in scored])), 1)
+            out["depth_max"] = int(max(r["depth"] for r in scored))
         self._episodes.append({"decisions": d})
         return out
 
@@ -187,9 +215,11 @@ class WorldModelPlanner:
                "search_ms_p50": _pct([r["search_ms"] for r in allds], 50),
                "search_ms_p99": _pct([r["search_ms"] for r in allds], 99),
                "proposal_ms_p50": _pct([r["proposal_ms"] for r in allds], 50)}
-        if "rollouts" in allds[0]:
-            out["rollouts_p50"] = _pct([r["rollouts"] for r in allds], 50)
-            out["rollouts_min"] = int(min(r["rollouts"] for r in allds))
+        scored = [r["rollouts"] for r in allds if "rollouts" in r]
+        if scored:
+            out["rollouts_p50"] = _pct(scored, 50)
+            out["rollouts_min"] = int(min(scored))
+        out["unscored_decisions"] = sum(r.get("unscored", False) for r in allds)
         return out
 
 

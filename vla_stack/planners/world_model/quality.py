@@ -6,7 +6,8 @@ z_{t+h} = z_t. Errors are mean squared distances divided by the mean latent vari
 random latents are apart along each dim, on average). Also the collapse check: covariance spectrum of the
 held-out embeddings (sigreg.effective_rank), and value-head accuracy at telling success from failure.
 `branch_choice`: on held-out branched rollouts, how often the planner's one-step score picks a chunk that did
-succeed, against the first candidate, a random one and the best."""
+succeed, against the first candidate, a random one and the best. Goal-offset models read the replayed offsets
+here (the heads and dynamics are judged; the keypoint reader is judged on its own, train.fit_keypoint_reader)."""
 
 from __future__ import annotations
 
@@ -21,15 +22,6 @@ def encode_episode(model, ep) -> torch.Tensor:
     images = episode_images(ep)
     return torch.cat([model.encode(images[i:i + 256], torch.from_numpy(ep.state[i:i + 256]))
                       for i in range(0, len(images), 256)])
-
-
-@torch.inference_mode()
-def read_offsets(model, ep, g: torch.Tensor) -> torch.Tensor:
-    """The offset reader on every frame of an episode (goal_offset models), (T, 2) m."""
-    images = episode_images(ep)
-    state, yaw = torch.from_numpy(ep.state), torch.from_numpy(ep.hand_yaw)
-    return torch.cat([model.goal_offset_of(images[i:i + 256], state[i:i + 256], g.expand(len(images[i:i + 256]), -1),
-                                           yaw[i:i + 256]) for i in range(0, len(images), 256)])
 
 
 def episode_images(ep) -> torch.Tensor:
@@ -55,15 +47,12 @@ def prediction_quality(model, episodes, chunks: int = 2, stride: int = 2) -> dic
     sq_model = np.zeros(horizon)
     sq_copy = np.zeros(horizon)
     counts = np.zeros(horizon)
-    all_z, values, labels, offset_err = [], [], [], []
+    all_z, values, labels = [], [], []
     for ep in episodes:
         z = encode_episode(model, ep)
         all_z.append(z)
         g = model.embed_goal([ep.instruction]).expand(len(z), -1)
-        offset = None
-        if model.config.goal_offset:
-            offset = read_offsets(model, ep, g[:1])
-            offset_err.append((offset.numpy() - ep.offset, np.linalg.norm(ep.offset, axis=-1)))
+        offset = torch.from_numpy(ep.offset) if model.config.goal_offset else None  # the labels: the reader is judged apart
         values.append(model.value(z, g, episode_commands(model, ep), offset).numpy())
         labels.append(np.full(len(z), ep.success))
         T = len(z)
@@ -105,12 +94,6 @@ def prediction_quality(model, episodes, chunks: int = 2, stride: int = 2) -> dic
         "value_mean_success_episodes": round(float(v[y].mean()), 4) if y.any() else None,
         "value_mean_failed_episodes": round(float(v[~y].mean()), 4) if (~y).any() else None,
     }
-    if offset_err:  # the offset reader's error (cm), overall and where the cube is within 3 cm of its target
-        err = np.linalg.norm(np.concatenate([e for e, _ in offset_err]), axis=-1) * 100
-        near = np.concatenate([d for _, d in offset_err]) < 0.03
-        out["goal_offset_error_cm"] = {"median": round(float(np.median(err)), 3), "p90": round(float(np.percentile(err, 90)), 3),
-                                       "median_within_3cm": round(float(np.median(err[near])), 3) if near.any() else None,
-                                       "frames_within_3cm": int(near.sum())}
     return out
 
 
@@ -131,11 +114,10 @@ def branch_choice(model, episodes, progress_weight: float = 0.25) -> dict | None
         lsm = LatentSearchModel(model, model.embed_goal([ep.instruction]), progress_weight)
         z = encode_episode(model, ep)
         commands = raw_commands(model, ep) if model.config.heads_command else None
-        images = episode_images(ep) if model.config.goal_offset else None
         for t, group in sorted(groups.items()):
             chunks = model.norm_action(torch.from_numpy(np.stack([b["chunk"] for b in group]))).numpy()
             command = None if commands is None else commands[t]
-            root = lsm.root(z[t].numpy(), command, ep.state[t], None if images is None else images[t])
+            root = lsm.root(z[t].numpy(), command, ep.state[t], ep.offset[t] if model.config.goal_offset else None)
             latents = np.repeat(root[None], len(group), 0)
             scores = lsm.evaluate(lsm.dynamics(latents, chunks))
             ok = np.array([b["success"] for b in group])

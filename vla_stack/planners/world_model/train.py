@@ -45,6 +45,12 @@ class TrainConfig:
     max_minutes: float | None = None
     max_episodes_per_store: int | None = None
     branch_batch_size: int = 32  # branched-rollout samples per step (stores of collect_branched; 0: ignore them)
+    # goal_offset models: the keypoint reader trains after the world model on every keypoint_every-th frame of
+    # the stores (at the model's keypoint_image_size; its labels need no world model, so it trains apart)
+    keypoint_steps: int = 3000
+    keypoint_every: int = 4
+    keypoint_batch_size: int = 32
+    keypoint_lr: float = 2e-3
 
 
 @dataclass
@@ -60,10 +66,9 @@ class WmEpisode:
     seed: int | None
     branches: list[dict] = dataclasses.field(default_factory=list)  # collect_branched's tried candidates
     # goal_offset models: target - goal cube in the table plane (T, 2) m, from the replay; where the grasp site
-    # is at each frame (T, 3), its yaw (T,) and where each action commands it (T, 3), by forward kinematics
+    # is at each frame (T, 3) and where each action commands it (T, 3), by forward kinematics
     offset: np.ndarray | None = None
     ee_state: np.ndarray | None = None
-    hand_yaw: np.ndarray | None = None
     ee_action: np.ndarray | None = None
 
 
@@ -185,8 +190,7 @@ def _load_stores(paths: list[str], cfg: WmConfig, max_per_store: int | None, pro
                                         "models are for placement tasks")
                 fk = grasp_site_fk(cfg.robot)
                 ep.offset = offset
-                ee_state, yaw = fk.poses(ep.state[:, :fk.arm_dof])
-                ep.ee_state, ep.hand_yaw = ee_state.astype(np.float32), yaw.astype(np.float32)
+                ep.ee_state = fk.positions(ep.state[:, :fk.arm_dof]).astype(np.float32)
                 ep.ee_action = fk.positions(ep.action[:, :fk.arm_dof]).astype(np.float32)
                 for b in ep.branches:
                     b["ee_chunk"] = fk.positions(b["chunk"][:, :fk.arm_dof]).astype(np.float32)
@@ -236,7 +240,6 @@ class ChunkSampler:
         if cfg.goal_offset:
             self.offset = torch.from_numpy(np.concatenate([e.offset for e in episodes]))
             self.ee_state = torch.from_numpy(np.concatenate([e.ee_state for e in episodes]))
-            self.hand_yaw = torch.from_numpy(np.concatenate([e.hand_yaw for e in episodes]))
             self.ee_action = torch.from_numpy(np.concatenate([e.ee_action for e in episodes]))
             self.branch_ee = torch.from_numpy(np.stack([b["ee_chunk"] for _, b in branches])) if branches else None
 
@@ -274,8 +277,7 @@ class ChunkSampler:
             "instructions": [self.instructions[i] for i in ep],
         }
         if self.cfg.goal_offset:
-            out.update(offset=self.offset[torch.from_numpy(frames)], hand_yaw=self.hand_yaw[torch.from_numpy(frames)],
-                       ee_state=self.ee_state[torch.from_numpy(frames[:, 0])],
+            out.update(offset=self.offset[torch.from_numpy(frames)], ee_state=self.ee_state[torch.from_numpy(frames[:, 0])],
                        ee_actions=self.ee_action[torch.from_numpy(act_idx)])
         if branch_size and len(self.branch_frame):
             pick = rng.integers(0, len(self.branch_frame), branch_size)
@@ -382,6 +384,8 @@ def train(config: str | Path, progress: bool = True) -> dict:
     if quality is not None:
         quality["branch_choice"] = branch_choice(model, val_eps)
     meta.update(step=history[-1]["step"], last=history[-1], quality=quality)
+    if cfg.goal_offset:
+        meta["keypoint_reader"] = fit_keypoint_reader(model, data, tc, progress)
     save_world_model(out, model, meta)
     (out / "history.json").write_text(json.dumps(history))
     if quality is not None:
@@ -389,4 +393,29 @@ def train(config: str | Path, progress: bool = True) -> dict:
     if tc.export_dir:
         save_world_model(tc.export_dir, model, meta, dtype=torch.float16)
     return {"output_dir": str(out), "export_dir": tc.export_dir, "steps": history[-1]["step"],
-            "last": history[-1], "quality": quality}
+            "last": history[-1], "quality": quality, "keypoint_reader": meta.get("keypoint_reader")}
+
+
+def fit_keypoint_reader(model: WorldModel, paths: list[str], tc: TrainConfig, progress: bool = True) -> dict:
+    """Train a goal_offset model's keypoint reader on the stores' frames (the same scene-seed hold-out as the
+    episodes) and measure it on the held-out ones (keypoints.reader_errors)."""
+    from vla_stack.planners.world_model.keypoints import (KeypointOffsetReader, held_drop_of, keypoint_frames,
+                                                          reader_errors, train_keypoints)
+
+    cfg = model.config
+    frames = keypoint_frames(paths, cfg.robot, tc.keypoint_every, cfg.keypoint_image_size, progress)
+    held_out = np.asarray(frames["episode"]) % VAL_EVERY == VAL_EVERY - 1
+
+    def part(mask: np.ndarray) -> dict:
+        return {k: [v[i] for i in np.flatnonzero(mask)] if k == "instruction" else v[mask] for k, v in frames.items()}
+
+    train_frames, val_frames = part(~held_out), part(held_out)
+    model.keypoints.held_drop.fill_(held_drop_of(train_frames, cfg.robot))
+    losses = train_keypoints(model.keypoints, train_frames, tc.keypoint_steps, tc.keypoint_batch_size,
+                             tc.keypoint_lr, tc.seed, progress)
+    out = {"train_frames": int((~held_out).sum()), "steps": tc.keypoint_steps,
+           "loss_last_100": round(float(np.mean(losses[-100:])), 4), "held_drop_m": float(model.keypoints.held_drop)}
+    if held_out.any():
+        out["held_out"] = reader_errors(KeypointOffsetReader(model.keypoints, cfg.robot), val_frames)
+    print(json.dumps({"keypoint_reader": out}), flush=True)
+    return out
