@@ -127,3 +127,36 @@ def test_bad_input_is_refused():
         search(np.array([np.nan], np.float32), np.stack([RIGHT]), toy.dynamics, toy.evaluate, toy.propose)
     with pytest.raises(ValueError, match="root_chunks"):
         search(np.zeros(1, np.float32), np.zeros((0, 2, 1)), toy.dynamics, toy.evaluate, toy.propose)
+
+
+class Needle:
+    """From x = 10: RIGHT reaches a safe plateau (0.6 everywhere beyond 10); LEFT reaches 9 (0.3), from where one
+    of the sixteen proposed moves (-1.0) reaches the goal at 8 (1.0) and the others score 0."""
+
+    def dynamics(self, z, a):
+        return z + a.sum(axis=(1, 2))[:, None]
+
+    def evaluate(self, z):
+        x = np.round(z[:, 0] * 4) / 4
+        return np.select([x == 8.0, x == 9.0, x > 10, x == 10.0], [1.0, 0.3, 0.6, 0.5], 0.0)
+
+    def propose(self, z, n, rng):  # away from the start: left of it further left, right of it further right
+        chunks = np.zeros((len(z), n, 2, 1), np.float32)
+        chunks[:, :, 0, 0] = np.sign(z[:, :1] - 10) * 0.25 * (np.arange(n) + 1)
+        return chunks, np.zeros((len(z), n)), np.zeros((len(z), n))
+
+
+def test_max_backups_find_the_one_good_continuation_mean_backups_average_away():
+    toy, root, chunks = Needle(), np.full(1, 10.0, np.float32), np.stack([RIGHT, LEFT])
+    picks = {}
+    for backup in ("mean", "max"):
+        cfg = SearchConfig(deadline_s=None, max_simulations=64, batch_size=1, max_depth=2, children=16, backup=backup)
+        result = search(root, chunks, toy.dynamics, toy.evaluate, toy.propose, cfg)
+        picks[backup] = result.index
+    assert picks == {"mean": 0, "max": 1}, picks
+    # max backups never rank below the one-step values: with nothing found below, best_of_k's pick
+    cfg = SearchConfig(deadline_s=None, max_simulations=64, batch_size=1, max_depth=1, backup="max")
+    assert search(root, chunks, toy.dynamics, toy.evaluate, toy.propose, cfg).index == \
+        best_of_k(root, chunks, toy.dynamics, toy.evaluate).index == 0
+    with pytest.raises(ValueError, match="backup"):
+        SearchConfig(backup="median")

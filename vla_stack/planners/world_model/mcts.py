@@ -11,6 +11,10 @@ The root's children are given (the VLA's K sampled chunks); deeper nodes draw th
   distinct samples pi(a)/beta(a) renormalised (uniform when sampling from pi itself, as for the VLA's chunks).
 - Progressive widening: a node with N visits may use its first ceil(pw_k * N**pw_alpha) candidates.
 - PUCT selection on min-max normalised Q (MuZero), first-play urgency = the parent's value.
+- Backups: `mean` (MuZero: Q = the mean discounted leaf value below an edge) or `max` (the model is
+  deterministic, so an edge is worth the discounted best of its child's own value and its children's: a node's
+  value already estimates what the data's policy would get from there, and the search can only add what it
+  finds; the root's pick is then the highest Q, best_of_k's pick unless lookahead finds better).
 - Batched: each round selects up to `batch_size` distinct leaves with virtual loss, expands them with one
   dynamics/evaluate/propose call each, then backs up.
 - Anytime: stops before a round that would end past the deadline, judged by the longest of the last three
@@ -42,7 +46,12 @@ class SearchConfig:
     pw_alpha: float = 0.5
     children: int = 16  # candidates drawn per non-root node (widened progressively)
     max_depth: int = 12  # chunks below the root: a cap, rarely reached (discount 0.9**12 = 0.28)
+    backup: str = "mean"  # or "max"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backup not in ("mean", "max"):
+            raise ValueError(f"backup must be 'mean' or 'max', got {self.backup!r}")
 
 
 _PENDING = object()  # marks a child whose expansion is in the current round's batch
@@ -51,7 +60,7 @@ _PENDING = object()  # marks a child whose expansion is in the current round's b
 class _Node:
     """Per-child statistics are plain lists: nodes have <= ~16 children, where Python beats numpy's overhead."""
 
-    __slots__ = ("latent", "value", "depth", "cands", "logw", "child", "n", "w", "visits", "value_sum",
+    __slots__ = ("latent", "value", "depth", "cands", "logw", "child", "n", "w", "q", "visits", "value_sum",
                  "weight", "cum_weight")
 
     def __init__(self, latent: np.ndarray, value: float, depth: int):
@@ -61,6 +70,7 @@ class _Node:
         self.child: list[_Node | None] = []
         self.n: list[float] = []
         self.w: list[float] = []
+        self.q: list[float] = []  # max backups: discounted best value below each child
         self.visits = 0
         self.value_sum = 0.0
         # unnormalised prior weights and their running sums: the prior over the first m (widened) candidates
@@ -72,7 +82,11 @@ class _Node:
         k = len(cands)
         self.cands, self.logw, self.weight, self.cum_weight = cands, logw, weight, cum_weight
         self.child = [None] * k
-        self.n, self.w = [0.0] * k, [0.0] * k
+        self.n, self.w, self.q = [0.0] * k, [0.0] * k, [-math.inf] * k
+
+    def best(self) -> float:
+        """max backups: the node's own value or the best of its expanded children's."""
+        return max(self.value, max(self.q, default=-math.inf))
 
 
 def prior_weights(log_pi: np.ndarray | None, log_beta: np.ndarray | None, shape: tuple[int, int]):
@@ -140,14 +154,14 @@ def _search(root_latent, root_chunks, dynamics, evaluate, propose, cfg: SearchCo
     stats = {"simulations": 0, "rollouts": 0, "model_rounds": 0, "nodes": 1, "max_depth": 0, "stopped_by": None}
     recent_rounds = [0.0]  # durations of the last rounds: the next one is predicted to take their maximum
 
-    pw_k, pw_alpha, c_puct = cfg.pw_k, cfg.pw_alpha, cfg.c_puct
+    pw_k, pw_alpha, c_puct, use_max = cfg.pw_k, cfg.pw_alpha, cfg.c_puct, cfg.backup == "max"
 
     def select_child(node: _Node) -> int | None:
         """PUCT over the widened children; a child being expanded in this round (_PENDING) is skipped."""
         visits = node.visits
         m = min(len(node.child), max(1, math.ceil(pw_k * visits ** pw_alpha)))
-        weight, n, w, child = node.weight, node.n, node.w, node.child
-        fpu = node.value_sum / visits if visits else node.value
+        weight, n, w, q, child = node.weight, node.n, node.w, node.q, node.child
+        fpu = node.value if use_max or not visits else node.value_sum / visits
         lo, span = minmax.lo, minmax.hi - minmax.lo
         inv = 1.0 / span if span > 0 else 0.0
         explore = c_puct * math.sqrt(visits + 1) / node.cum_weight[m - 1]
@@ -156,7 +170,8 @@ def _search(root_latent, root_chunks, dynamics, evaluate, propose, cfg: SearchCo
             if child[i] is _PENDING:
                 continue
             ni = n[i]
-            score = ((w[i] / ni if ni else fpu) - lo) * inv + explore * weight[i] / (1 + ni)
+            value = (q[i] if q[i] > -math.inf else fpu) if use_max else (w[i] / ni if ni else fpu)
+            score = (value - lo) * inv + explore * weight[i] / (1 + ni)
             if score > best:
                 best, best_i = score, i
         return best_i
@@ -232,20 +247,28 @@ def _search(root_latent, root_chunks, dynamics, evaluate, propose, cfg: SearchCo
             g_ret = leaf.value
             leaf.visits += 1
             leaf.value_sum += g_ret
+            best = leaf.best()
             for p, j in reversed(path):
                 g_ret = cfg.discount * g_ret
                 p.w[j] += g_ret - lo  # replace the virtual loss
-                minmax.update(g_ret)
                 p.value_sum += g_ret
+                if use_max:
+                    p.q[j] = cfg.discount * best
+                    minmax.update(p.q[j])
+                    best = p.best()
+                else:
+                    minmax.update(g_ret)
             stats["simulations"] += 1
         stats["model_rounds"] += 1
         recent_rounds = [*recent_rounds[-2:], clock() - round_start]
 
-    # ---- decision: most visited root child (ties: higher Q, then lower index)
+    # ---- decision: most visited root child (ties: higher Q, then lower index); max backups: highest Q
     n, w = np.array(root.n), np.array(root.w)
-    q = np.where(n > 0, w / np.maximum(n, 1), -np.inf)
+    q = np.array(root.q) if use_max else np.where(n > 0, w / np.maximum(n, 1), -np.inf)
     if n.max() == 0:  # deadline before any expansion: the highest prior
         best = int(np.argmax(root.logw))
+    elif use_max:
+        best = int(max(range(len(n)), key=lambda i: (q[i], n[i], -i)))
     else:
         best = int(max(range(len(n)), key=lambda i: (n[i], q[i], -i)))
     stats["elapsed_s"] = clock() - start

@@ -230,11 +230,11 @@ def _pct(values: list[float], q: float) -> float | None:
 def make_policy(policy, env, checkpoint=None, **options) -> WorldModelPlanner:
     """The `--planner wm` entry point (vla_stack.planners.wrap_policy). options (values may be strings, as
     `--planner-option KEY=VALUE` gives them): k, mode, deadline_s (of the whole decision; none: no deadline),
-    batch_size, max_depth, children, c_puct, discount, pw_k, pw_alpha, max_simulations, progress_weight,
-    temperature, threads."""
+    batch_size, max_depth, children, c_puct, discount, pw_k, pw_alpha, max_simulations, backup (mean / max),
+    progress_weight, temperature, threads."""
     kinds = {"k": int, "threads": int, "batch_size": int, "max_depth": int, "children": int, "max_simulations": int,
              "progress_weight": float, "temperature": float, "c_puct": float, "discount": float, "pw_k": float,
-             "pw_alpha": float, "deadline_s": _optional_float, "mode": str}
+             "pw_alpha": float, "deadline_s": _optional_float, "mode": str, "backup": str}
     unknown = set(options) - set(kinds)
     if unknown:
         raise VlaStackError(f"unknown wm planner option(s): {', '.join(sorted(unknown))} "
@@ -245,8 +245,11 @@ def make_policy(policy, env, checkpoint=None, **options) -> WorldModelPlanner:
         raise VlaStackError(f"bad wm planner option: {exc}") from None
     wm, _ = load_world_model(checkpoint or default_checkpoint())
     search_keys = {"batch_size", "max_depth", "children", "c_puct", "discount", "pw_k", "pw_alpha",
-                   "max_simulations"}
-    search_config = SearchConfig(**{k: v for k, v in options.items() if k in search_keys})
+                   "max_simulations", "backup"}
+    try:
+        search_config = SearchConfig(**{k: v for k, v in options.items() if k in search_keys})
+    except ValueError as exc:
+        raise VlaStackError(f"bad wm planner option: {exc}") from None
     rest = {k: v for k, v in options.items() if k not in search_keys}
     return WorldModelPlanner(policy, wm, env.robot.name, search_config=search_config, **rest)
 
