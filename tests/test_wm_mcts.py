@@ -160,3 +160,28 @@ def test_max_backups_find_the_one_good_continuation_mean_backups_average_away():
         best_of_k(root, chunks, toy.dynamics, toy.evaluate).index == 0
     with pytest.raises(ValueError, match="backup"):
         SearchConfig(backup="median")
+
+
+def test_a_root_childs_own_continuation_is_tried_first():
+    """Proposals only lead away from the goal; LEFT's continuation (the rest of its proposer's plan) reaches it."""
+
+    class Away(Needle):
+        def evaluate(self, z):  # the goal is a region past 8: once there, small moves keep it
+            return np.where((z[:, 0] >= 8.0) & (z[:, 0] < 8.9), 1.0, super().evaluate(z))
+
+        def propose(self, z, n, rng):
+            chunks = np.zeros((len(z), n, 2, 1), np.float32)
+            chunks[:, :, 0, 0] = 0.25 * (np.arange(n) + 1)
+            return chunks, np.zeros((len(z), n)), np.zeros((len(z), n))
+
+    toy, root, chunks = Away(), np.full(1, 10.0, np.float32), np.stack([RIGHT, LEFT])
+    continuations = np.zeros((2, 1, 2, 1), np.float32)
+    continuations[1, 0, 0, 0] = -1.0  # 9 -> 8, the goal
+    for backup in ("mean", "max"):
+        cfg = SearchConfig(deadline_s=None, max_simulations=64, batch_size=4, max_depth=3, children=8, backup=backup)
+        plain = search(root, chunks, toy.dynamics, toy.evaluate, toy.propose, cfg)
+        followed = search(root, chunks, toy.dynamics, toy.evaluate, toy.propose, cfg,
+                          root_continuations=continuations)
+        assert (plain.index, followed.index) == (0, 1), (backup, plain.stats["root"], followed.stats["root"])
+    with pytest.raises(ValueError, match="root_continuations"):
+        search(root, chunks, toy.dynamics, toy.evaluate, toy.propose, cfg, root_continuations=continuations[:1])

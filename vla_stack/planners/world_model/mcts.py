@@ -5,7 +5,10 @@ callables over numpy arrays, so the search is tested on hand-built toy models.
     evaluate(latents (B, D)) -> scores (B,)                                     leaf value (value/progress heads)
     propose(latents (B, D), n, rng) -> chunks (B, n, H, A), log_pi (B, n), log_beta (B, n)
 
-The root's children are given (the VLA's K sampled chunks); deeper nodes draw theirs from `propose`.
+The root's children are given (the VLA's K sampled chunks); deeper nodes draw theirs from `propose`. A root
+child may come with its own continuation (`root_continuations`: the rest of the VLA's sampled chunk, which
+is longer than the H steps executed): the node it leads to then tries that continuation first (candidate 0,
+half the node's prior), its child the next one, and so on; the proposals fill the other places.
 
 - Sampled MuZero prior correction: a node's K sampled actions get prior (beta_hat / beta) * pi, i.e. for
   distinct samples pi(a)/beta(a) renormalised (uniform when sampling from pi itself, as for the VLA's chunks).
@@ -60,11 +63,12 @@ _PENDING = object()  # marks a child whose expansion is in the current round's b
 class _Node:
     """Per-child statistics are plain lists: nodes have <= ~16 children, where Python beats numpy's overhead."""
 
-    __slots__ = ("latent", "value", "depth", "cands", "logw", "child", "n", "w", "q", "visits", "value_sum",
-                 "weight", "cum_weight")
+    __slots__ = ("latent", "value", "depth", "follow", "cands", "logw", "child", "n", "w", "q", "visits",
+                 "value_sum", "weight", "cum_weight")
 
-    def __init__(self, latent: np.ndarray, value: float, depth: int):
+    def __init__(self, latent: np.ndarray, value: float, depth: int, follow: np.ndarray | None = None):
         self.latent, self.value, self.depth = latent, float(value), depth
+        self.follow = follow  # (C, H, A) continuation chunks: candidate 0 is follow[0] (None: proposals only)
         self.cands: np.ndarray | None = None  # (n, H, A)
         self.logw: np.ndarray = np.zeros(0)  # log(pi/beta) per candidate
         self.child: list[_Node | None] = []
@@ -125,24 +129,33 @@ class _MinMax:
 
 def search(root_latent: np.ndarray, root_chunks: np.ndarray, dynamics, evaluate, propose,
            config: SearchConfig | None = None, root_log_pi: np.ndarray | None = None,
-           root_log_beta: np.ndarray | None = None, clock=time.perf_counter) -> SearchResult:
+           root_log_beta: np.ndarray | None = None, clock=time.perf_counter,
+           root_continuations: np.ndarray | None = None) -> SearchResult:
+    """root_continuations: (K, C, H, A) the chunks that follow each root chunk in its proposer's plan."""
     collecting = gc.isenabled()
     gc.disable()
     try:
         return _search(root_latent, root_chunks, dynamics, evaluate, propose, config or SearchConfig(),
-                       root_log_pi, root_log_beta, clock)
+                       root_log_pi, root_log_beta, clock, root_continuations)
     finally:
         if collecting:
             gc.enable()
 
 
 def _search(root_latent, root_chunks, dynamics, evaluate, propose, cfg: SearchConfig, root_log_pi, root_log_beta,
-            clock) -> SearchResult:
+            clock, root_continuations) -> SearchResult:
     start = clock()
     rng = np.random.default_rng(cfg.seed)
     root_chunks = np.asarray(root_chunks, np.float32)
     if root_chunks.ndim != 3 or len(root_chunks) == 0:
         raise ValueError(f"root_chunks must be (K >= 1, H, A), got {root_chunks.shape}")
+    if root_continuations is not None:
+        root_continuations = np.asarray(root_continuations, np.float32)
+        if root_continuations.shape[:1] + root_continuations.shape[2:] != root_chunks.shape:
+            raise ValueError(f"root_continuations must be (K, C, H, A) for root chunks {root_chunks.shape}, "
+                             f"got {root_continuations.shape}")
+        if not np.all(np.isfinite(root_continuations)):
+            raise ValueError("search input contains NaN or inf")
     root_latent = np.asarray(root_latent, np.float32)
     if not np.all(np.isfinite(root_latent)) or not np.all(np.isfinite(root_chunks)):
         raise ValueError("search input contains NaN or inf")
@@ -224,16 +237,25 @@ def _search(root_latent, root_chunks, dynamics, evaluate, propose, cfg: SearchCo
                 raise ValueError("the model returned NaN or inf")
             stats["rollouts"] += len(new)
             depths = [p[-1][0].depth + 1 for p, _ in new]
+            follows = [_follow(*p[-1], root, root_continuations) for p, _ in new]
             grow = [j for j, d in enumerate(depths) if d < cfg.max_depth]
             growing = set(grow)
             if grow:
                 cands, lp, lb = propose(nxt[grow], cfg.children, rng)
-                cands = np.asarray(cands, np.float32)
+                cands = np.array(cands, np.float32)
+                lp = np.zeros(cands.shape[:2]) if lp is None else np.array(lp, float).reshape(cands.shape[:2])
+                lb = np.zeros(cands.shape[:2]) if lb is None else np.array(lb, float).reshape(cands.shape[:2])
+                for g, j in enumerate(grow):  # the proposer's own plan first, with half the node's prior
+                    if follows[j] is not None:
+                        cands[g, 0] = follows[j][0]
+                        others = lp[g, 1:] - lb[g, 1:]
+                        lp[g, 0] = lb[g, 0] + (others.max() + np.log(np.exp(others - others.max()).sum())
+                                               if len(others) else 0.0)
                 logw, weight, cum = prior_weights(lp, lb, cands.shape[:2])
             g = 0
             for j, (path, k) in enumerate(new):
                 parent, i = path[-1]
-                node = _Node(nxt[j], vals[j], depths[j])
+                node = _Node(nxt[j], vals[j], depths[j], follows[j])
                 if j in growing:
                     node.set_candidates(cands[g], logw[g], weight[g], cum[g])
                     g += 1
@@ -278,6 +300,15 @@ def _search(root_latent, root_chunks, dynamics, evaluate, propose, cfg: SearchCo
                      "prior": [round(float(p), 5) for p in sampled_prior(root.logw)],
                      "root_value": round(root.value, 5)}
     return SearchResult(best, root_chunks[best], stats)
+
+
+def _follow(parent: _Node, i: int, root: _Node, root_continuations: np.ndarray | None) -> np.ndarray | None:
+    """The continuation chunks a new child (parent's candidate i) starts with, or None."""
+    if parent is root:
+        rest = None if root_continuations is None else root_continuations[i]
+    else:
+        rest = parent.follow[1:] if parent.follow is not None and i == 0 else None
+    return rest if rest is not None and len(rest) else None
 
 
 def best_of_k(root_latent: np.ndarray, root_chunks: np.ndarray, dynamics, evaluate) -> SearchResult:

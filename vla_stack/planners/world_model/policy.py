@@ -3,7 +3,8 @@ draws sharing one prefix KV cache), search over them in the world model's latent
 chunk's first H steps (H = the world model's chunk), repeat. Same interface as any policy (reset /
 select_action), plus episode_metrics() and summary() for the evaluation JSON.
 
-Modes: `mcts` (tree search, mcts.search), `best_of_k` (one latent step per candidate, best value: the
+Modes: `mcts` (tree search, mcts.search; with `follow_vla` each candidate's node tries the rest of its own VLA
+chunk first: the VLA samples chunk_size steps and executes H), `best_of_k` (one latent step per candidate, best value: the
 no-search baseline), `first` (the first VLA sample executed H steps open loop: the VLA alone at the same
 re-planning rate, to separate planning from the execution schedule).
 
@@ -51,7 +52,8 @@ class WorldModelPlanner:
 
     def __init__(self, vla, world_model, robot: str, *, k: int = 8, mode: str = "mcts",
                  search_config: SearchConfig | None = None, progress_weight: float = 0.25,
-                 temperature: float = 1.5, threads: int | None = None, deadline_s: float | None = 0.15):
+                 temperature: float = 1.5, threads: int | None = None, deadline_s: float | None = 0.15,
+                 follow_vla: bool = True):
         if mode not in MODES:
             raise VlaStackError(f"unknown wm planner mode '{mode}' (known: {', '.join(MODES)})")
         for attr in ("model", "config", "batch", "observe", "to_robot", "num_steps"):
@@ -71,6 +73,7 @@ class WorldModelPlanner:
         self.vla, self.wm, self.robot, self.k, self.mode = vla, world_model, robot, k, mode
         self.search_config = search_config or SearchConfig()
         self.progress_weight, self.temperature = progress_weight, temperature
+        self.follow_vla = follow_vla  # mcts: each candidate's node tries the rest of its VLA chunk first
         if threads:
             torch.set_num_threads(threads)
         self._episodes: list[dict] = []
@@ -139,8 +142,10 @@ class WorldModelPlanner:
             index = 0
             record["unscored"] = self.mode != "first"
         else:
+            follow = chunks.shape[1] // H - 1 if self.follow_vla else 0  # whole H-step chunks after the first
             with torch.inference_mode():
-                norm = self.wm.norm_action(torch.from_numpy(chunks[:, :H])).numpy()
+                norm = self.wm.norm_action(torch.from_numpy(chunks[:, :H * (1 + follow)])).numpy()
+            norm, continuations = norm[:, :H], norm[:, H:].reshape(len(norm), follow, H, -1)
             if self.mode == "best_of_k":
                 result = best_of_k(z, norm, lsm.dynamics, lsm.evaluate)
             else:
@@ -148,7 +153,8 @@ class WorldModelPlanner:
                     0.0, (self.deadline_s - (time.perf_counter() - t0)) * (1 - TEARDOWN_FRACTION) - DECISION_RESERVE_S)
                 cfg = SearchConfig(**{**self.search_config.__dict__, "deadline_s": left,
                                       "seed": self._seed * 1000 + len(self._decisions)})
-                result = search(z, norm, lsm.dynamics, lsm.evaluate, lsm.propose, cfg)
+                result = search(z, norm, lsm.dynamics, lsm.evaluate, lsm.propose, cfg,
+                                root_continuations=continuations if follow else None)
                 record.update(simulations=result.stats["simulations"], depth=result.stats["max_depth"],
                               stopped_by=result.stats["stopped_by"],
                               search_deadline_ms=None if left is None else left * 1e3)
@@ -231,10 +237,11 @@ def make_policy(policy, env, checkpoint=None, **options) -> WorldModelPlanner:
     """The `--planner wm` entry point (vla_stack.planners.wrap_policy). options (values may be strings, as
     `--planner-option KEY=VALUE` gives them): k, mode, deadline_s (of the whole decision; none: no deadline),
     batch_size, max_depth, children, c_puct, discount, pw_k, pw_alpha, max_simulations, backup (mean / max),
-    progress_weight, temperature, threads."""
+    progress_weight, temperature, threads, follow_vla (true / false)."""
     kinds = {"k": int, "threads": int, "batch_size": int, "max_depth": int, "children": int, "max_simulations": int,
              "progress_weight": float, "temperature": float, "c_puct": float, "discount": float, "pw_k": float,
-             "pw_alpha": float, "deadline_s": _optional_float, "mode": str, "backup": str}
+             "pw_alpha": float, "deadline_s": _optional_float, "mode": str, "backup": str,
+             "follow_vla": _bool}
     unknown = set(options) - set(kinds)
     if unknown:
         raise VlaStackError(f"unknown wm planner option(s): {', '.join(sorted(unknown))} "
@@ -252,6 +259,16 @@ def make_policy(policy, env, checkpoint=None, **options) -> WorldModelPlanner:
         raise VlaStackError(f"bad wm planner option: {exc}") from None
     rest = {k: v for k, v in options.items() if k not in search_keys}
     return WorldModelPlanner(policy, wm, env.robot.name, search_config=search_config, **rest)
+
+
+def _bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
 
 
 def _optional_float(value) -> float | None:
