@@ -4,7 +4,7 @@ chunk's first H steps (H = the world model's chunk), repeat. Same interface as a
 select_action), plus episode_metrics() and summary() for the evaluation JSON.
 
 Modes: `mcts` (tree search, mcts.search; with `follow_vla` each candidate's node tries the rest of its own VLA
-chunk first: the VLA samples chunk_size steps and executes H), `best_of_k` (one latent step per candidate, best value: the
+chunk first: the VLA samples chunk_size steps and executes H; off by default, see the README), `best_of_k` (one latent step per candidate, best value: the
 no-search baseline), `first` (the first VLA sample executed H steps open loop: the VLA alone at the same
 re-planning rate, to separate planning from the execution schedule).
 
@@ -53,7 +53,7 @@ class WorldModelPlanner:
     def __init__(self, vla, world_model, robot: str, *, k: int = 8, mode: str = "mcts",
                  search_config: SearchConfig | None = None, progress_weight: float = 0.25,
                  temperature: float = 1.5, threads: int | None = None, deadline_s: float | None = 0.15,
-                 follow_vla: bool = True):
+                 follow_vla: bool = False):
         if mode not in MODES:
             raise VlaStackError(f"unknown wm planner mode '{mode}' (known: {', '.join(MODES)})")
         for attr in ("model", "config", "batch", "observe", "to_robot", "num_steps"):
