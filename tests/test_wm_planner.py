@@ -110,8 +110,15 @@ def test_options_arrive_as_strings_from_the_command_line(env, vla, wm_checkpoint
     obs, _ = env.reset(seed=1_000_000)
     planner.reset(seed=1_000_000)
     assert planner.predict_action_chunk(obs).shape == (8, 8)
-    with pytest.raises(VlaStackError, match="bad wm planner option"):
-        wrap_policy("wm", vla, env, checkpoint=wm_checkpoint, k="eight")
+    followed = wrap_policy("wm", vla, env, checkpoint=wm_checkpoint, k="3", mode="mcts", deadline_s="none",
+                           max_simulations="32", batch_size="8", backup="max", follow_vla="true")
+    assert followed.follow_vla and followed.search_config.backup == "max"
+    followed.reset(seed=1_000_000)
+    assert followed.predict_action_chunk(obs).shape == (8, 8)
+    assert followed._decisions[-1]["rollouts"] == 32
+    for bad in ({"k": "eight"}, {"follow_vla": "maybe"}, {"backup": "median"}):
+        with pytest.raises(VlaStackError, match="bad wm planner option"):
+            wrap_policy("wm", vla, env, checkpoint=wm_checkpoint, **bad)
 
 
 def test_planner_refuses_bad_observations_and_robots(env, vla, wm_checkpoint):

@@ -145,7 +145,7 @@ class WorldModelPlanner:
             follow = chunks.shape[1] // H - 1 if self.follow_vla else 0  # whole H-step chunks after the first
             with torch.inference_mode():
                 norm = self.wm.norm_action(torch.from_numpy(chunks[:, :H * (1 + follow)])).numpy()
-            norm, continuations = norm[:, :H], norm[:, H:].reshape(len(norm), follow, H, -1)
+            norm, continuations = norm[:, :H], norm[:, H:].reshape(len(norm), follow, H, norm.shape[-1])
             if self.mode == "best_of_k":
                 result = best_of_k(z, norm, lsm.dynamics, lsm.evaluate)
             else:
