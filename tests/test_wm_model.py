@@ -286,7 +286,8 @@ def test_train_fits_the_keypoint_reader_of_a_goal_offset_model(tmp_path):
     reader = result["keypoint_reader"]
     assert reader["steps"] == 4 and reader["train_frames"] > 10 and 0 < reader["held_drop_m"] < 0.04
     model, meta = load_world_model(tmp_path / "run")
-    assert meta["keypoint_reader"] == reader and float(model.keypoints.held_drop) == pytest.approx(reader["held_drop_m"])
+    assert meta["keypoint_reader"] == reader
+    assert float(model.keypoints.held_drop) == pytest.approx(reader["held_drop_m"])
     offset, positions = model.read_goal_offset(np.zeros((2, 32, 32, 3), np.uint8), np.zeros(8), "put it in the bowl")
     assert offset.shape == (2,) and positions.shape == (2, 2)
     with pytest.raises(VlaStackError, match="divisible by 4"):

@@ -1,5 +1,6 @@
-"""Forward kinematics of the grasp site (and the wrist camera) for batches of arm joint vectors, on the robot-only MuJoCo model (the
-same model the IK and the simulator use). ~3 us a row here: cheap enough for a planner's inner loop."""
+"""Forward kinematics of the grasp site (and the wrist camera) for batches of arm joint vectors, on the
+robot-only MuJoCo model (the same model the IK and the simulator use). ~3 us a row here: cheap enough for a
+planner's inner loop."""
 
 from __future__ import annotations
 
@@ -28,24 +29,17 @@ class GraspSiteFK:
 
     def positions(self, q_arm: np.ndarray) -> np.ndarray:
         """(..., arm_dof) joint positions -> (..., 3) world positions of the grasp site."""
-        return self.poses(q_arm)[0]
-
-    def poses(self, q_arm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(..., arm_dof) joint positions -> world positions (..., 3) of the grasp site and its yaw (...,): the
-        angle of its x axis (the jaw axis) about world z."""
         q = np.asarray(q_arm, np.float64)
         if q.shape[-1] != self.arm_dof:
             raise VlaStackError(f"{self.robot.name} has {self.arm_dof} arm joints, got vectors of {q.shape[-1]}")
         flat = q.reshape(-1, self.arm_dof)
-        pos, yaw = np.empty((len(flat), 3)), np.empty(len(flat))
+        pos = np.empty((len(flat), 3))
         d = self.data
         for i, row in enumerate(flat):
             d.qpos[self._qpos] = row
             mujoco.mj_kinematics(self.model, d)
             pos[i] = d.site_xpos[self._site]
-            x_axis = d.site_xmat[self._site].reshape(3, 3)[:, 0]
-            yaw[i] = np.arctan2(x_axis[1], x_axis[0])
-        return (pos + self._base).reshape(*q.shape[:-1], 3), yaw.reshape(q.shape[:-1])
+        return (pos + self._base).reshape(*q.shape[:-1], 3)
 
     def camera_frame(self, q_arm: np.ndarray, camera: str = "wrist") -> tuple[np.ndarray, np.ndarray, float]:
         """One arm joint vector -> the hand-mounted `camera` in the world as tabletop.front_camera_frame gives

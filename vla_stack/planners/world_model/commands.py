@@ -120,7 +120,8 @@ def bench_planner_command(
     table.add_row("decisions over the deadline", f"{d['decisions_over_deadline']}/{d['count']}", "")
     table.add_row("latent rollouts / searched decision", str(d["rollouts_p50"]),
                   f"min {d['rollouts_min']} / max {d['rollouts_max']}")
-    table.add_row("searched decisions with >= 1000 rollouts", f"{d['decisions_with_1000_rollouts']}/{d['searched']}", "")
+    table.add_row("searched decisions with >= 1000 rollouts",
+                  f"{d['decisions_with_1000_rollouts']}/{d['searched']}", "")
     Console().print(table)
     print(f"1-min load average {r['machine']['load_average_1min']} on {r['machine']['cores']} cores "
           f"of {r['machine']['cpu']}")

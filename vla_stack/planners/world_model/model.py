@@ -254,7 +254,8 @@ class WorldModel(nn.Module):
             parts += [torch.tanh(offset / (3 * s)), torch.exp(-offset.norm(dim=-1, keepdim=True) / s)]
         return torch.cat(parts, -1)
 
-    def read_goal_offset(self, frames: np.ndarray, state: np.ndarray, instruction: str) -> tuple[np.ndarray, np.ndarray]:
+    def read_goal_offset(self, frames: np.ndarray, state: np.ndarray,
+                         instruction: str) -> tuple[np.ndarray, np.ndarray]:
         """(offset target - goal cube (2,) m, positions (target, cube) (2, 2) m; NaN where unread) from one
         observation: camera frames (front, wrist) (2, S, S, 3) uint8 at keypoint_image_size and the measured
         joint state (goal_offset models; see keypoints.KeypointOffsetReader)."""
@@ -294,7 +295,8 @@ class WorldModel(nn.Module):
         state (B, F, state_dim), command (B, F, A) raw (the action before each frame), frame_mask (B, F), k (B,) in
         1..H, actions (B, 2H, A) raw, action_mask
         (B, 2H), value / progress targets (B, F), prior_weight (B,), instruction list; for goal_offset models also
-        offset (B, F, 2) m labels, ee_state (B, 3) the grasp site's position at frame t, ee_actions (B, 2H, 3) where each action puts it (forward kinematics)."""
+        offset (B, F, 2) m labels, ee_state (B, 3) the grasp site's position at frame t, ee_actions (B, 2H, 3)
+        where each action puts it (forward kinematics)."""
         cfg = self.config
         B, F_ = batch["images"].shape[:2]
         z = self.encode(batch["images"].flatten(0, 1), batch["state"].flatten(0, 1)).view(B, F_, -1)

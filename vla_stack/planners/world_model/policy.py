@@ -4,9 +4,9 @@ chunk's first H steps (H = the world model's chunk), repeat. Same interface as a
 select_action), plus episode_metrics() and summary() for the evaluation JSON.
 
 Modes: `mcts` (tree search, mcts.search; with `follow_vla` each candidate's node tries the rest of its own VLA
-chunk first: the VLA samples chunk_size steps and executes H; off by default, see the README), `best_of_k` (one latent step per candidate, best value: the
-no-search baseline), `first` (the first VLA sample executed H steps open loop: the VLA alone at the same
-re-planning rate, to separate planning from the execution schedule).
+chunk first: the VLA samples chunk_size steps and executes H; off by default, see the README), `best_of_k` (one
+latent step per candidate, best value: the no-search baseline), `first` (the first VLA sample executed H steps
+open loop: the VLA alone at the same re-planning rate, to separate planning from the execution schedule).
 
 The deadline (`deadline_s`) is the whole decision's: sampling the K proposals and encoding the observation come
 out of it, and the search gets what is left, so a decision ends within it."""

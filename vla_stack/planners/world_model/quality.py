@@ -52,7 +52,8 @@ def prediction_quality(model, episodes, chunks: int = 2, stride: int = 2) -> dic
         z = encode_episode(model, ep)
         all_z.append(z)
         g = model.embed_goal([ep.instruction]).expand(len(z), -1)
-        offset = torch.from_numpy(ep.offset) if model.config.goal_offset else None  # the labels: the reader is judged apart
+        # goal_offset models: the labels (the reader is judged apart)
+        offset = torch.from_numpy(ep.offset) if model.config.goal_offset else None
         values.append(model.value(z, g, episode_commands(model, ep), offset).numpy())
         labels.append(np.full(len(z), ep.success))
         T = len(z)
