@@ -177,7 +177,8 @@ def _on_plane(rays: list, height: float) -> tuple[np.ndarray, np.ndarray]:
     return points, weights
 
 
-def keypoint_frames(paths: list[str], robot: str, every: int = 4, image_size: int = 128, progress: bool = True) -> dict:
+def keypoint_frames(paths: list[str], robot: str, every: int = 4, image_size: int = 128,
+                    progress: bool = True) -> dict:
     """Training frames from episode stores: every `every`-th frame of each `robot` episode of a placement task,
     its images at `image_size`, joint state and instruction, and its labels from replaying the episode in the
     simulator (the stored scene seed and actions; images render the state the replay reaches): each keypoint's
@@ -195,8 +196,8 @@ def keypoint_frames(paths: list[str], robot: str, every: int = 4, image_size: in
         store = EpisodeStore.open(path)
         for i in tqdm(store.episode_indices(), desc=f"keypoint labels {path}", disable=not progress):
             meta = store.episode_meta(i)
-            if meta.robot != robot or meta.seed is None:
-                continue
+            if meta.robot != robot or meta.seed is None or meta.extra.get("arm_noise", 0.0) > 0:
+                continue  # DART episodes store the expert's actions, not the executed ones: no replay
             if meta.task not in envs:
                 envs[meta.task] = TabletopEnv(meta.task, robot, cameras=())
             env = envs[meta.task]
@@ -218,6 +219,9 @@ def keypoint_frames(paths: list[str], robot: str, every: int = 4, image_size: in
                     out["episode"].append(meta.seed)
                 if any(env.step_unobserved(action)):
                     break
+            if bool(env.success()) != bool(meta.success):
+                raise VlaStackError(f"{path}: replaying episode {i} (seed {meta.seed}) does not end as it was "
+                                    "stored (recorded with another simulator version?): no labels from it")
             n += 1
     for env in envs.values():
         env.close()
