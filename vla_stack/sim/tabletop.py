@@ -35,10 +35,14 @@ def front_camera_coords(robot: RobotSpec, points) -> np.ndarray:
     """World points (..., 3) -> where they appear in the fixed front camera: (..., 2) as (column, row) in
     [-1, 1], left to right and top to bottom (a pinhole camera of FRONT_FOVY, as MuJoCo renders it).
     Privileged training labels (where the named cube is) come from this."""
-    eye, rotation, focal = front_camera_frame(robot)
-    rel = (np.asarray(points, float) - eye) @ rotation
+    return _project(*front_camera_frame(robot), points)[0]
+
+
+def _project(position: np.ndarray, rotation: np.ndarray, focal: float, points) -> tuple[np.ndarray, np.ndarray]:
+    """World points (..., 3) -> ((..., 2) image coordinates, (...) depth in front of the camera)."""
+    rel = (np.asarray(points, float) - position) @ rotation
     depth = -rel[..., 2]
-    return np.stack([focal * rel[..., 0] / depth, -focal * rel[..., 1] / depth], -1)
+    return np.stack([focal * rel[..., 0], -focal * rel[..., 1]], -1) / np.maximum(depth, 1e-6)[..., None], depth
 
 
 def camera_rays(position: np.ndarray, rotation: np.ndarray, focal: float, coords) -> np.ndarray:
@@ -67,10 +71,8 @@ def camera_coords(model: mujoco.MjModel, data: mujoco.MjData, camera: str, point
     mj_kinematics / mj_forward), (...) bool: in front of the camera and inside the image)."""
     cam = model.camera(camera).id
     rotation = data.cam_xmat[cam].reshape(3, 3)  # columns: camera x (right), y (up), z (backwards)
-    rel = (np.asarray(points, float) - data.cam_xpos[cam]) @ rotation
-    depth = -rel[..., 2]
     focal = 1.0 / math.tan(math.radians(model.cam_fovy[cam]) / 2)
-    coords = np.stack([focal * rel[..., 0], -focal * rel[..., 1]], -1) / np.maximum(depth, 1e-6)[..., None]
+    coords, depth = _project(data.cam_xpos[cam], rotation, focal, points)
     return coords, (depth > 1e-3) & np.all(np.abs(coords) <= 1.0, -1)
 
 
