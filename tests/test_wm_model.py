@@ -160,6 +160,45 @@ def test_branched_rollouts_teach_the_value_to_rank_chunks_from_one_state():
     assert picked[16] >= 0.9 and picked[0] <= 0.6, picked
 
 
+def test_value_ensemble_disagrees_off_the_data_and_pessimism_scores_below_the_mean(tmp_path):
+    """As train-wm does it: the world model trains with its first value head, then the extra heads are fitted
+    alone on bootstrap halves of the batches. They agree on the data's latents far more than on latents no
+    episode reaches, and the search's score subtracts `pessimism` standard deviations of theirs."""
+    from vla_stack.planners.world_model.model import LatentSearchModel
+    from vla_stack.planners.world_model.train import fit_value_ensemble
+
+    cfg = WmConfig(**{**_tiny_config().to_dict(), "value_heads": 4})
+    eps = _episodes(8)
+    torch.manual_seed(0)
+    model = WorldModel(cfg)
+    model.set_stats(np.concatenate([e.state for e in eps]), np.concatenate([e.action for e in eps]))
+    sampler, tc = ChunkSampler(eps, cfg), TrainConfig(steps=200, batch_size=16, lr=3e-3, warmup_steps=10,
+                                                      ensemble_steps=200)
+    model.value_ensemble.requires_grad_(False)
+    train_model(model, sampler, tc, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit_value_ensemble(model, sampler, tc, progress=False)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("value_ensemble.") for k in changed), changed
+    with torch.inference_mode():
+        images = torch.from_numpy(np.concatenate([e.images for e in eps])).permute(0, 1, 4, 2, 3).float() / 255
+        z = model.encode(images, torch.from_numpy(np.concatenate([e.state for e in eps])))
+    far = z + 4 * torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+    lsm = LatentSearchModel(model, model.embed_goal(["pick up the red cube"]), progress_weight=0.0)
+    with torch.inference_mode():
+        g = lsm.goal.expand(len(z), -1)
+        std_data = torch.sigmoid(model.value_logits(model.head_input(z, g))).std(0).mean()
+        std_far = torch.sigmoid(model.value_logits(model.head_input(far, g))).std(0).mean()
+        values = torch.sigmoid(model.value_logits(model.head_input(far, g))).numpy()
+    assert values.shape == (4, len(z)) and std_far > 2 * std_data, (std_data, std_far)
+    lsm.pessimism = 1.0
+    np.testing.assert_allclose(lsm.evaluate(far.numpy()), values.mean(0) - values.std(0, ddof=1), atol=1e-5)
+    loaded, _ = load_world_model(save_world_model(tmp_path / "wm", model))
+    assert len(loaded.value_ensemble) == 3
+    with pytest.raises(VlaStackError, match="value_heads"):
+        WmConfig(value_heads=0)
+
+
 def test_value_and_progress_targets():
     value, progress = targets(np.array([0, 0, 1, 1]), 2, True, 0.5)
     np.testing.assert_allclose(value, [0.0625, 0.125, 0.25, 0.5])

@@ -91,6 +91,9 @@ class WmConfig:
     progress_weight: float = 0.5
     prior_weight: float = 0.05
     branch_weight: float = 1.0  # value on predicted latents of branched rollouts (batch["branch"], when given)
+    # value heads: more than one makes an ensemble (the extra heads train on bootstrap halves of each batch):
+    # their disagreement is the search's measure of how far an imagined latent can be trusted (pessimism)
+    value_heads: int = 1
 
     def __post_init__(self) -> None:
         self.cameras, self.channels = tuple(self.cameras), tuple(self.channels)
@@ -104,6 +107,8 @@ class WmConfig:
             raise VlaStackError("goal_offset needs heads_command: true and progress_target: goal_distance")
         if self.keypoint_image_size % 4:
             raise VlaStackError(f"keypoint_image_size {self.keypoint_image_size} must be divisible by 4")
+        if self.value_heads < 1:
+            raise VlaStackError(f"value_heads must be at least 1, got {self.value_heads}")
 
     @property
     def search_dim(self) -> int:
@@ -195,6 +200,9 @@ class WorldModel(nn.Module):
         self.goal = nn.EmbeddingBag(cfg.goal_buckets, G, mode="mean")
         C = (A if cfg.heads_command else 0) + (3 if cfg.goal_offset else 0)
         self.value_head = _mlp([D + G + C, cfg.hidden, cfg.hidden, 1])
+        if cfg.value_heads > 1:
+            self.value_ensemble = nn.ModuleList(_mlp([D + G + C, cfg.hidden, cfg.hidden, 1])
+                                                for _ in range(cfg.value_heads - 1))
         self.progress_head = _mlp([D + G + C, cfg.hidden, 1])
         if cfg.goal_offset:
             from vla_stack.planners.world_model.keypoints import KeypointNet
@@ -271,6 +279,21 @@ class WorldModel(nn.Module):
               offset: torch.Tensor | None = None) -> torch.Tensor:
         return torch.sigmoid(self.value_head(self.head_input(z, g, command, offset))[:, 0])
 
+    def value_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Every value head's logit on head inputs x (B, ...) -> (value_heads, B); row 0 is `value_head`."""
+        heads = [self.value_head, *getattr(self, "value_ensemble", [])]
+        return torch.stack([head(x)[:, 0] for head in heads])
+
+    def _value_loss(self, x: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                    generator: torch.Generator | None) -> torch.Tensor:
+        """BCE per value head (value_heads,); the ensemble's extra heads each see a random half of the rows."""
+        bce = F.binary_cross_entropy_with_logits(self.value_logits(x), target.expand(self.config.value_heads, -1),
+                                                 reduction="none")
+        w = weight.expand_as(bce).clone()
+        if len(w) > 1:
+            w[1:] = w[1:] * (torch.rand(w[1:].shape, generator=generator) < 0.5)
+        return (bce * w).sum(1) / w.sum(1).clamp_min(1.0)
+
     def progress(self, z: torch.Tensor, g: torch.Tensor, command: torch.Tensor | None = None,
                  offset: torch.Tensor | None = None) -> torch.Tensor:
         return torch.sigmoid(self.progress_head(self.head_input(z, g, command, offset))[:, 0])
@@ -330,17 +353,19 @@ class WorldModel(nn.Module):
             o1 = self.carry_through(noisy[:, 0], batch["ee_state"], batch["command"][:, 0, -1], raw[:, :H], ee[:, :H])
             o2 = self.carry_through(o1, ee[:, H - 1], raw[:, H - 1, -1], raw[:, H:], ee[:, H:])
             oo = torch.cat([noisy.flatten(0, 1), o1, o2])
-        zz_logits = self.head_input(zz, gg, cc, oo)
-        v_loss = (F.binary_cross_entropy_with_logits(self.value_head(zz_logits)[:, 0], v_t, reduction="none") * mm).sum() / mm.sum()
-        p_loss = (F.binary_cross_entropy_with_logits(self.progress_head(zz_logits)[:, 0], p_t, reduction="none") * mm).sum() / mm.sum()
+        heads_in = self.head_input(zz, gg, cc, oo)
+        v_loss = self._value_loss(heads_in, v_t, mm, generator)
+        p_loss = (F.binary_cross_entropy_with_logits(self.progress_head(heads_in)[:, 0], p_t, reduction="none") * mm).sum() / mm.sum()
         mu, log_std = self.prior(z[:, 0].detach(), g)
         nll = (0.5 * ((a[:, :H] - mu) / log_std.exp()).square() + log_std).mean((1, 2))
         w = batch["prior_weight"] * batch["action_mask"][:, :H].mean(1)
         prior_loss = (nll * w).sum() / w.sum().clamp_min(1.0)
-        total = (pred_loss + cfg.sigreg_weight * reg + cfg.value_weight * v_loss + cfg.progress_weight * p_loss
+        total = (pred_loss + cfg.sigreg_weight * reg + cfg.value_weight * v_loss.sum() + cfg.progress_weight * p_loss
                  + cfg.prior_weight * prior_loss)
-        info = {"pred": pred_loss.detach(), "sigreg": reg.detach(), "value": v_loss.detach(),
+        info = {"pred": pred_loss.detach(), "sigreg": reg.detach(), "value": v_loss.detach()[0],
                 "progress": p_loss.detach(), "prior": prior_loss.detach()}
+        if cfg.value_heads > 1:
+            info["value_ensemble"] = v_loss.detach()[1:].mean()
         if "branch" in batch:  # Q(z, chunk) = value(predict(z, chunk)): which chunk from this state is better
             br = batch["branch"]
             ab = self.norm_action(br["actions"])
@@ -349,10 +374,10 @@ class WorldModel(nn.Module):
             if cfg.goal_offset:
                 noisy = br["offset"] + cfg.offset_label_noise * torch.randn(br["offset"].shape, generator=generator)
                 ob = self.carry_through(noisy, br["ee_state"], br["command"][:, -1], br["actions"], br["ee_actions"])
-            logits = self.value_head(self.head_input(zb, self.embed_goal(br["instructions"]), ab[:, -1], ob))[:, 0]
-            b_loss = F.binary_cross_entropy_with_logits(logits, br["value"])
-            total = total + cfg.branch_weight * b_loss
-            info["branch"] = b_loss.detach()
+            xb = self.head_input(zb, self.embed_goal(br["instructions"]), ab[:, -1], ob)
+            b_loss = self._value_loss(xb, br["value"], torch.ones_like(br["value"]), generator)
+            total = total + cfg.branch_weight * b_loss.sum()
+            info["branch"] = b_loss.detach()[0]
         return total, {"loss": total.detach(), **info}
 
 
@@ -406,6 +431,9 @@ class LatentSearchModel:
     dynamics(latents, chunks) -> next latents, evaluate(latents) -> scores, propose(latents, n, rng) ->
     (chunks, log_pi, log_beta). Chunks here are *normalised* H-step action chunks. `temperature` widens the
     prior for sampling (beta); pi is the prior itself, so Sampled MuZero's correction is non-trivial.
+    With an ensemble of value heads a latent scores the heads' mean less `pessimism` standard deviations: a lower
+    confidence bound, so a search that maximises over many imagined latents does not pick the ones the model
+    merely overrates (the optimiser's curse grows with the tree).
     A search latent is z, then for heads_command models the last normalised command (dynamics carries each
     chunk's last step along), then for goal_offset models the goal offset and the grasp-site position it refers
     to (dynamics moves the offset with the held cube, carry_offset): `root(z, command, state, offset)` builds
@@ -415,6 +443,7 @@ class LatentSearchModel:
     goal: torch.Tensor  # (1, G) embedding of the current instruction
     progress_weight: float = 0.25
     temperature: float = 1.5
+    pessimism: float = 0.0  # ensemble models: a latent's value is the heads' mean minus this many standard deviations
     stats: dict = field(default_factory=lambda: {"dynamics_calls": 0, "rollouts": 0})
 
     def root(self, z: np.ndarray, command: np.ndarray | None = None, state: np.ndarray | None = None,
@@ -485,7 +514,10 @@ class LatentSearchModel:
     def evaluate(self, latents: np.ndarray) -> np.ndarray:
         z, command, offset, _ = self._split(latents)
         x = self.model.head_input(z, self.goal.expand(len(z), -1), command, offset)
-        score = torch.sigmoid(self.model.value_head(x)[:, 0])
+        values = torch.sigmoid(self.model.value_logits(x))
+        score = values.mean(0)
+        if self.pessimism and len(values) > 1:
+            score = score - self.pessimism * values.std(0)
         if self.progress_weight:
             score = score + self.progress_weight * torch.sigmoid(self.model.progress_head(x)[:, 0])
         return score.numpy()

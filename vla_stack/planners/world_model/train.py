@@ -51,6 +51,9 @@ class TrainConfig:
     keypoint_every: int = 4
     keypoint_batch_size: int = 32
     keypoint_lr: float = 2e-3
+    # value-ensemble models (value_heads > 1): the extra heads are fitted after the world model, on its frozen
+    # encoder and predictor (the spread of heads fitted to one fixed representation is what the search reads)
+    ensemble_steps: int = 2000
 
 
 @dataclass
@@ -324,7 +327,8 @@ def train_model(model: WorldModel, sampler: ChunkSampler, tc: TrainConfig, progr
     torch.manual_seed(tc.seed)
     rng = np.random.default_rng(tc.seed)
     gen = torch.Generator().manual_seed(tc.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(tc.warmup_steps, 1)) *
                                               0.5 * (1 + math.cos(math.pi * min(s / max(tc.steps, 1), 1.0))))
     model.train()
@@ -337,7 +341,7 @@ def train_model(model: WorldModel, sampler: ChunkSampler, tc: TrainConfig, progr
             raise VlaStackError(f"world-model loss became {loss.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
         sched.step()
         for key, v in info.items():
@@ -377,7 +381,11 @@ def train(config: str | Path, progress: bool = True) -> dict:
     def save(step: int, history: list[dict]) -> None:
         save_world_model(out, model, {**meta, "step": step, "last": history[-1] if history else {}})
 
+    if cfg.value_heads > 1:
+        model.value_ensemble.requires_grad_(False)
     history = train_model(model, sampler, tc, progress, on_save=save)
+    if cfg.value_heads > 1:
+        meta["value_ensemble"] = fit_value_ensemble(model, sampler, tc, progress)
     from vla_stack.planners.world_model.quality import branch_choice, prediction_quality
 
     quality = prediction_quality(model, val_eps) if val_eps else None
@@ -394,6 +402,18 @@ def train(config: str | Path, progress: bool = True) -> dict:
         save_world_model(tc.export_dir, model, meta, dtype=torch.float16)
     return {"output_dir": str(out), "export_dir": tc.export_dir, "steps": history[-1]["step"],
             "last": history[-1], "quality": quality, "keypoint_reader": meta.get("keypoint_reader")}
+
+
+def fit_value_ensemble(model: WorldModel, sampler: ChunkSampler, tc: TrainConfig, progress: bool = True) -> dict:
+    """Train the extra value heads alone (everything else frozen), each on bootstrap halves of the batches."""
+    model.requires_grad_(False)
+    model.value_ensemble.requires_grad_(True)
+    try:
+        history = train_model(model, sampler, dataclasses.replace(tc, steps=tc.ensemble_steps, seed=tc.seed + 1,
+                                                                   max_minutes=None), progress)
+    finally:
+        model.requires_grad_(True)
+    return {"heads": model.config.value_heads, "steps": tc.ensemble_steps, "last": history[-1]}
 
 
 def fit_keypoint_reader(model: WorldModel, paths: list[str], tc: TrainConfig, progress: bool = True) -> dict:
