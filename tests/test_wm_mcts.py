@@ -185,3 +185,29 @@ def test_a_root_childs_own_continuation_is_tried_first():
         assert (plain.index, followed.index) == (0, 1), (backup, plain.stats["root"], followed.stats["root"])
     with pytest.raises(ValueError, match="root_continuations"):
         search(root, chunks, toy.dynamics, toy.evaluate, toy.propose, cfg, root_continuations=continuations[:1])
+
+
+def test_root_tolerance_lets_lookahead_decide_only_among_one_step_ties():
+    """A (+1) scores best one step ahead (0.6); B (+2) all but ties with it (0.595) and leads on to 0.9; C (-1)
+    scores 0.3 and leads on to 1.0. Unrestricted max backups go for C; within a 0.01 tolerance the search may
+    only refine the one-step choice and takes B; a zero tolerance is best_of_k's pick."""
+    values = {0: 0.2, 1: 0.6, 2: 0.595, 3: 0.9, -1: 0.3, -2: 1.0}
+
+    class Ties(Corridor):
+        def evaluate(self, z):
+            return np.array([values.get(int(round(x)), 0.0) for x in z[:, 0]])
+
+    toy, root = Ties(), np.zeros(1, np.float32)
+    chunks = np.stack([np.full((2, 1), d / 2, np.float32) for d in (1, 2, -1)])
+    picks = {}
+    for tolerance in (None, 0.01, 0.0):
+        cfg = SearchConfig(deadline_s=None, max_simulations=200, batch_size=4, max_depth=3, children=2,
+                           backup="max", root_tolerance=tolerance)
+        result = search(root, chunks, toy.dynamics, toy.evaluate, toy.propose, cfg)
+        picks[tolerance] = result.index
+        if tolerance is not None:  # a root child out of the band gets no search below it
+            assert result.stats["root"]["visits"][2] == 1, result.stats["root"]
+    assert picks == {None: 2, 0.01: 1, 0.0: 0}, picks
+    assert best_of_k(root, chunks, toy.dynamics, toy.evaluate).index == 0
+    with pytest.raises(ValueError, match="root_tolerance"):
+        SearchConfig(root_tolerance=-0.1)

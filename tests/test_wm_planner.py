@@ -111,14 +111,19 @@ def test_options_arrive_as_strings_from_the_command_line(env, vla, wm_checkpoint
     planner.reset(seed=1_000_000)
     assert planner.predict_action_chunk(obs).shape == (8, 8)
     followed = wrap_policy("wm", vla, env, checkpoint=wm_checkpoint, k="3", mode="mcts", deadline_s="none",
-                           max_simulations="32", batch_size="8", backup="max", follow_vla="true")
+                           max_simulations="32", batch_size="8", backup="max", follow_vla="true",
+                           root_tolerance="0.01", pessimism="1")
     assert followed.follow_vla and followed.search_config.backup == "max"
+    assert (followed.search_config.root_tolerance, followed.pessimism) == (0.01, 1.0)
     followed.reset(seed=1_000_000)
     assert followed.predict_action_chunk(obs).shape == (8, 8)
     assert followed._decisions[-1]["rollouts"] == 32
-    for bad in ({"k": "eight"}, {"follow_vla": "maybe"}, {"backup": "median"}):
+    assert followed.episode_metrics()["departed_from_one_step"] in (0, 1)
+    for bad in ({"k": "eight"}, {"follow_vla": "maybe"}, {"backup": "median"}, {"root_tolerance": "-1"}):
         with pytest.raises(VlaStackError, match="bad wm planner option"):
             wrap_policy("wm", vla, env, checkpoint=wm_checkpoint, **bad)
+    with pytest.raises(VlaStackError, match="pessimism"):
+        wrap_policy("wm", vla, env, checkpoint=wm_checkpoint, pessimism="-1")
 
 
 def test_planner_refuses_bad_observations_and_robots(env, vla, wm_checkpoint):

@@ -50,11 +50,16 @@ class SearchConfig:
     children: int = 16  # candidates drawn per non-root node (widened progressively)
     max_depth: int = 12  # chunks below the root: a cap, rarely reached (discount 0.9**12 = 0.28)
     backup: str = "mean"  # or "max"
+    # root children scored more than this below the best one-step score (the root child's own value) may not be
+    # picked or searched: lookahead then only decides among candidates the one-step critic cannot tell apart
+    root_tolerance: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.backup not in ("mean", "max"):
             raise ValueError(f"backup must be 'mean' or 'max', got {self.backup!r}")
+        if self.root_tolerance is not None and self.root_tolerance < 0:
+            raise ValueError(f"root_tolerance must be >= 0 (or None), got {self.root_tolerance}")
 
 
 _PENDING = object()  # marks a child whose expansion is in the current round's batch
@@ -168,6 +173,12 @@ def _search(root_latent, root_chunks, dynamics, evaluate, propose, cfg: SearchCo
     recent_rounds = [0.0]  # durations of the last rounds: the next one is predicted to take their maximum
 
     pw_k, pw_alpha, c_puct, use_max = cfg.pw_k, cfg.pw_alpha, cfg.c_puct, cfg.backup == "max"
+    tolerance = cfg.root_tolerance
+    cut = [-math.inf]  # root children valued below this are out (root_tolerance)
+
+    def out_of_band(node: _Node, i: int) -> bool:
+        c = node.child[i]
+        return node is root and isinstance(c, _Node) and c.value < cut[0]
 
     def select_child(node: _Node) -> int | None:
         """PUCT over the widened children; a child being expanded in this round (_PENDING) is skipped."""
@@ -180,7 +191,7 @@ def _search(root_latent, root_chunks, dynamics, evaluate, propose, cfg: SearchCo
         explore = c_puct * math.sqrt(visits + 1) / node.cum_weight[m - 1]
         best, best_i = -math.inf, None
         for i in range(m):
-            if child[i] is _PENDING:
+            if child[i] is _PENDING or (tolerance is not None and out_of_band(node, i)):
                 continue
             ni = n[i]
             value = (q[i] if q[i] > -math.inf else fpu) if use_max else (w[i] / ni if ni else fpu)
@@ -260,6 +271,8 @@ def _search(root_latent, root_chunks, dynamics, evaluate, propose, cfg: SearchCo
                     node.set_candidates(cands[g], logw[g], weight[g], cum[g])
                     g += 1
                 parent.child[i] = node
+                if parent is root and tolerance is not None:
+                    cut[0] = max(cut[0], node.value - tolerance)
                 leaves[k] = (path, node)
                 stats["nodes"] += 1
                 stats["max_depth"] = max(stats["max_depth"], node.depth)
@@ -287,12 +300,13 @@ def _search(root_latent, root_chunks, dynamics, evaluate, propose, cfg: SearchCo
     # ---- decision: most visited root child (ties: higher Q, then lower index); max backups: highest Q
     n, w = np.array(root.n), np.array(root.w)
     q = np.array(root.q) if use_max else np.where(n > 0, w / np.maximum(n, 1), -np.inf)
-    if n.max() == 0:  # deadline before any expansion: the highest prior
+    eligible = [i for i in range(len(n)) if n[i] > 0 and not out_of_band(root, i)]
+    if not eligible:  # deadline before any expansion: the highest prior
         best = int(np.argmax(root.logw))
     elif use_max:
-        best = int(max(range(len(n)), key=lambda i: (q[i], n[i], -i)))
+        best = max(eligible, key=lambda i: (q[i], n[i], -i))
     else:
-        best = int(max(range(len(n)), key=lambda i: (n[i], q[i], -i)))
+        best = max(eligible, key=lambda i: (n[i], q[i], -i))
     stats["elapsed_s"] = clock() - start
     stats["root"] = {"visits": n.astype(int).tolist(),
                      "q": [None if not np.isfinite(v) else round(float(v), 5) for v in q],

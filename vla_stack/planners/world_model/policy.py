@@ -53,7 +53,7 @@ class WorldModelPlanner:
     def __init__(self, vla, world_model, robot: str, *, k: int = 8, mode: str = "mcts",
                  search_config: SearchConfig | None = None, progress_weight: float = 0.25,
                  temperature: float = 1.5, threads: int | None = None, deadline_s: float | None = 0.15,
-                 follow_vla: bool = False):
+                 follow_vla: bool = False, pessimism: float = 0.0):
         if mode not in MODES:
             raise VlaStackError(f"unknown wm planner mode '{mode}' (known: {', '.join(MODES)})")
         for attr in ("model", "config", "batch", "observe", "to_robot", "num_steps"):
@@ -72,7 +72,9 @@ class WorldModelPlanner:
         self.deadline_s = deadline_s
         self.vla, self.wm, self.robot, self.k, self.mode = vla, world_model, robot, k, mode
         self.search_config = search_config or SearchConfig()
-        self.progress_weight, self.temperature = progress_weight, temperature
+        if pessimism < 0:
+            raise VlaStackError(f"pessimism must be >= 0, got {pessimism}")
+        self.progress_weight, self.temperature, self.pessimism = progress_weight, temperature, pessimism
         self.follow_vla = follow_vla  # mcts: each candidate's node tries the rest of its VLA chunk first
         if threads:
             torch.set_num_threads(threads)
@@ -136,7 +138,7 @@ class WorldModelPlanner:
                 self._goal = self.wm.embed_goal([instruction])
             self._goal_for = instruction
         record = {"proposal_ms": (t1 - t0) * 1e3}
-        lsm = LatentSearchModel(self.wm, self._goal, self.progress_weight, self.temperature)
+        lsm = LatentSearchModel(self.wm, self._goal, self.progress_weight, self.temperature, self.pessimism)
         z = None if self.mode == "first" else self.root(obs, lsm, instruction, self._command)
         if z is None:  # the VLA alone, or nothing to score with yet: its own first sample
             index = 0
@@ -155,9 +157,12 @@ class WorldModelPlanner:
                                       "seed": self._seed * 1000 + len(self._decisions)})
                 result = search(z, norm, lsm.dynamics, lsm.evaluate, lsm.propose, cfg,
                                 root_continuations=continuations if follow else None)
+                values = [-np.inf if v is None else v for v in result.stats["root"]["value"]]
                 record.update(simulations=result.stats["simulations"], depth=result.stats["max_depth"],
                               stopped_by=result.stats["stopped_by"],
-                              search_deadline_ms=None if left is None else left * 1e3)
+                              search_deadline_ms=None if left is None else left * 1e3,
+                              # lookahead overruled the one-step scores (best_of_k's pick)
+                              departed=bool(np.isfinite(max(values)) and values[result.index] < max(values)))
             index = result.index
             record["rollouts"] = result.stats["rollouts"]
         record["search_ms"] = (time.perf_counter() - t1) * 1e3
@@ -205,6 +210,7 @@ class WorldModelPlanner:
         if scored and "simulations" in scored[0]:
             out["simulations_mean"] = round(float(np.mean([r["simulations"] for r in scored])), 1)
             out["depth_max"] = int(max(r["depth"] for r in scored))
+            out["departed_from_one_step"] = sum(r["departed"] for r in scored)
         self._episodes.append({"decisions": d})
         return out
 
@@ -226,6 +232,8 @@ class WorldModelPlanner:
             out["rollouts_p50"] = _pct(scored, 50)
             out["rollouts_min"] = int(min(scored))
         out["unscored_decisions"] = sum(r.get("unscored", False) for r in allds)
+        if self.mode == "mcts":
+            out["departed_from_one_step"] = sum(r.get("departed", False) for r in allds)
         return out
 
 
@@ -237,11 +245,12 @@ def make_policy(policy, env, checkpoint=None, **options) -> WorldModelPlanner:
     """The `--planner wm` entry point (vla_stack.planners.wrap_policy). options (values may be strings, as
     `--planner-option KEY=VALUE` gives them): k, mode, deadline_s (of the whole decision; none: no deadline),
     batch_size, max_depth, children, c_puct, discount, pw_k, pw_alpha, max_simulations, backup (mean / max),
-    progress_weight, temperature, threads, follow_vla (true / false)."""
+    root_tolerance,
+    progress_weight, temperature, pessimism (value-ensemble models), threads, follow_vla (true / false)."""
     kinds = {"k": int, "threads": int, "batch_size": int, "max_depth": int, "children": int, "max_simulations": int,
-             "progress_weight": float, "temperature": float, "c_puct": float, "discount": float, "pw_k": float,
+             "progress_weight": float, "temperature": float, "pessimism": float, "c_puct": float, "discount": float, "pw_k": float,
              "pw_alpha": float, "deadline_s": _optional_float, "mode": str, "backup": str,
-             "follow_vla": _bool}
+             "follow_vla": _bool, "root_tolerance": _optional_float}
     unknown = set(options) - set(kinds)
     if unknown:
         raise VlaStackError(f"unknown wm planner option(s): {', '.join(sorted(unknown))} "
@@ -252,7 +261,7 @@ def make_policy(policy, env, checkpoint=None, **options) -> WorldModelPlanner:
         raise VlaStackError(f"bad wm planner option: {exc}") from None
     wm, _ = load_world_model(checkpoint or default_checkpoint())
     search_keys = {"batch_size", "max_depth", "children", "c_puct", "discount", "pw_k", "pw_alpha",
-                   "max_simulations", "backup"}
+                   "max_simulations", "backup", "root_tolerance"}
     try:
         search_config = SearchConfig(**{k: v for k, v in options.items() if k in search_keys})
     except ValueError as exc:
