@@ -199,9 +199,10 @@ def test_policy_node_planner_parameter(wm_checkpoint):
 def test_bench_planner_reports_the_planners_own_decisions(wm_checkpoint):
     from vla_stack.planners.world_model.bench import bench_planner
 
-    r = bench_planner(wm_checkpoint, decisions=3, deadline_s=0.1, k=2, batch_size=16, seconds=0.02)
+    r = bench_planner(wm_checkpoint, decisions=3, deadline_s=0.1, k=2, batch_size=16, seconds=0.02,
+                      options={"backup": "max"})
     d = r["decisions"]
-    assert d["count"] == 3 and d["deadline_ms"] == 100.0
+    assert d["count"] == 3 and d["deadline_ms"] == 100.0 and d["options"] == {"backup": "max"}
     assert d["rollouts_min"] <= d["rollouts_p50"] <= d["rollouts_max"] and d["rollouts_min"] >= 2
     assert 0 <= d["decisions_over_deadline"] <= 3 and 0 <= d["decisions_with_1000_rollouts"] <= 3
     assert d["decision_ms_p50"] >= d["proposal_ms_p50"] and d["decision_ms_max"] >= d["decision_ms_p50"]

@@ -17,7 +17,6 @@ import torch
 
 from vla_stack.bench import MachineLoad, cpu_model
 from vla_stack.errors import VlaStackError
-from vla_stack.planners.world_model.mcts import SearchConfig
 from vla_stack.planners.world_model.model import LatentSearchModel, load_world_model, param_count
 
 
@@ -27,10 +26,11 @@ def _pct(x, q):
 
 def bench_planner(checkpoint: str | Path | None = None, vla_checkpoint: str | Path | None = None,
                   task: str = "pick", decisions: int = 30, deadline_s: float = 0.15, k: int = 8,
-                  batch_size: int = 128, threads: int = 1, seconds: float = 1.0) -> dict:
+                  batch_size: int = 128, threads: int = 1, seconds: float = 1.0, options: dict | None = None) -> dict:
+    """options: further wm planner options (as `--planner-option` gives them: backup, pessimism, ...)."""
     from vla_stack.evaluation import HELDOUT_SEED_START
     from vla_stack.paths import share_dir
-    from vla_stack.planners.world_model.policy import WorldModelPlanner, default_checkpoint
+    from vla_stack.planners.world_model.policy import default_checkpoint, make_policy
     from vla_stack.policy.vla.runner import load_vla_policy
     from vla_stack.sim.env import TabletopEnv
 
@@ -43,8 +43,8 @@ def bench_planner(checkpoint: str | Path | None = None, vla_checkpoint: str | Pa
     env = TabletopEnv(task, cfg.robot, image_size=128)
     records: list[dict] = []
     try:
-        planner = WorldModelPlanner(vla, wm, cfg.robot, k=k, deadline_s=deadline_s,
-                                    search_config=SearchConfig(batch_size=batch_size))
+        planner = make_policy(vla, env, wm_path, **{"k": k, "deadline_s": deadline_s, "batch_size": batch_size,
+                                                    **(options or {})})
         # ---- raw predictor throughput
         goal = wm.embed_goal(["pick up the red cube"]).detach()
         lsm = LatentSearchModel(wm, goal)
@@ -93,7 +93,8 @@ def bench_planner(checkpoint: str | Path | None = None, vla_checkpoint: str | Pa
         "latent_dim": cfg.latent_dim, "chunk": cfg.chunk,
         "throughput": throughput,
         "decisions": {
-            "count": decisions, "k": k, "deadline_ms": deadline_s * 1e3, "batch_size": batch_size,
+            "count": decisions, "k": planner.k, "deadline_ms": deadline_s * 1e3, "batch_size": batch_size,
+            "options": options or {},
             "decision_ms_p50": _pct(col("decision_ms"), 50), "decision_ms_p99": _pct(col("decision_ms"), 99),
             "decision_ms_max": round(max(col("decision_ms")), 2),
             "decisions_over_deadline": int(sum(d > deadline_s * 1e3 for d in col("decision_ms"))),

@@ -92,16 +92,19 @@ def bench_planner_command(
     k: int = typer.Option(8, help="VLA chunks sampled per decision (root children)."),
     batch_size: int = typer.Option(128, help="Leaves expanded per batched model call."),
     threads: int = typer.Option(1, help="torch threads."),
+    planner_option: Optional[list[str]] = typer.Option(None, help="KEY=VALUE wm planner option, repeatable (as "
+                                                       "for vla-stack eval: backup=max, pessimism=1, ...)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result here."),
 ) -> None:
     """Latent chunk-rollouts/s, decision latency p50/p99 and rollouts achieved within the deadline."""
+    from vla_stack.cli import _key_values
     from rich.console import Console
     from rich.table import Table
 
     from vla_stack.planners.world_model.bench import bench_planner
 
     r = bench_planner(checkpoint, vla, task=task, decisions=decisions, deadline_s=deadline_ms / 1e3, k=k,
-                      batch_size=batch_size, threads=threads)
+                      batch_size=batch_size, threads=threads, options=_key_values(planner_option or []))
     table = Table(title=f"bench planner: latent predictor ({r['parameters']:,} params, {threads} thread(s))")
     for col in ("batch", "chunk-rollouts/s", "ms/call"):
         table.add_column(col, justify="right")
