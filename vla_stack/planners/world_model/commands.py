@@ -97,10 +97,10 @@ def bench_planner_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result here."),
 ) -> None:
     """Latent chunk-rollouts/s, decision latency p50/p99 and rollouts achieved within the deadline."""
-    from vla_stack.cli import _key_values
     from rich.console import Console
     from rich.table import Table
 
+    from vla_stack.cli import _key_values
     from vla_stack.planners.world_model.bench import bench_planner
 
     r = bench_planner(checkpoint, vla, task=task, decisions=decisions, deadline_s=deadline_ms / 1e3, k=k,

@@ -91,8 +91,9 @@ class WmConfig:
     progress_weight: float = 0.5
     prior_weight: float = 0.05
     branch_weight: float = 1.0  # value on predicted latents of branched rollouts (batch["branch"], when given)
-    # value heads: more than one makes an ensemble (the extra heads train on bootstrap halves of each batch):
-    # their disagreement is the search's measure of how far an imagined latent can be trusted (pessimism)
+    # value heads: more than one makes an ensemble (train-wm fits the extra heads after the world model, on
+    # bootstrap halves of the batches); their disagreement tells the search how far an imagined latent can be
+    # trusted (the planner's `pessimism`)
     value_heads: int = 1
 
     def __post_init__(self) -> None:

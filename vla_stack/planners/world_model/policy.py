@@ -245,11 +245,11 @@ def make_policy(policy, env, checkpoint=None, **options) -> WorldModelPlanner:
     """The `--planner wm` entry point (vla_stack.planners.wrap_policy). options (values may be strings, as
     `--planner-option KEY=VALUE` gives them): k, mode, deadline_s (of the whole decision; none: no deadline),
     batch_size, max_depth, children, c_puct, discount, pw_k, pw_alpha, max_simulations, backup (mean / max),
-    root_tolerance,
-    progress_weight, temperature, pessimism (value-ensemble models), threads, follow_vla (true / false)."""
+    root_tolerance (none: unrestricted), progress_weight, temperature, pessimism (value-ensemble models), threads,
+    follow_vla (true / false)."""
     kinds = {"k": int, "threads": int, "batch_size": int, "max_depth": int, "children": int, "max_simulations": int,
-             "progress_weight": float, "temperature": float, "pessimism": float, "c_puct": float, "discount": float, "pw_k": float,
-             "pw_alpha": float, "deadline_s": _optional_float, "mode": str, "backup": str,
+             "progress_weight": float, "temperature": float, "pessimism": float, "c_puct": float, "discount": float,
+             "pw_k": float, "pw_alpha": float, "deadline_s": _optional_float, "mode": str, "backup": str,
              "follow_vla": _bool, "root_tolerance": _optional_float}
     unknown = set(options) - set(kinds)
     if unknown:
