@@ -112,9 +112,9 @@ def test_options_arrive_as_strings_from_the_command_line(env, vla, wm_checkpoint
     assert planner.predict_action_chunk(obs).shape == (8, 8)
     followed = wrap_policy("wm", vla, env, checkpoint=wm_checkpoint, k="3", mode="mcts", deadline_s="none",
                            max_simulations="32", batch_size="8", backup="max", follow_vla="true",
-                           root_tolerance="0.01", pessimism="1")
+                           root_tolerance="0.01")
     assert followed.follow_vla and followed.search_config.backup == "max"
-    assert (followed.search_config.root_tolerance, followed.pessimism) == (0.01, 1.0)
+    assert followed.search_config.root_tolerance == 0.01
     followed.reset(seed=1_000_000)
     assert followed.predict_action_chunk(obs).shape == (8, 8)
     assert followed._decisions[-1]["rollouts"] == 32
@@ -122,8 +122,27 @@ def test_options_arrive_as_strings_from_the_command_line(env, vla, wm_checkpoint
     for bad in ({"k": "eight"}, {"follow_vla": "maybe"}, {"backup": "median"}, {"root_tolerance": "-1"}):
         with pytest.raises(VlaStackError, match="bad wm planner option"):
             wrap_policy("wm", vla, env, checkpoint=wm_checkpoint, **bad)
-    with pytest.raises(VlaStackError, match="pessimism"):
+    with pytest.raises(VlaStackError, match="pessimism must be >= 0"):
         wrap_policy("wm", vla, env, checkpoint=wm_checkpoint, pessimism="-1")
+
+
+def test_pessimism_needs_fitted_ensemble_heads(env, vla, wm_checkpoint, tmp_path):
+    """pessimism reads the value heads' spread: a single-head model, or an ensemble whose extra heads were never
+    fitted (a checkpoint saved mid-training), is refused; a fitted one plans."""
+    with pytest.raises(VlaStackError, match="ensemble of value heads"):
+        wrap_policy("wm", vla, env, checkpoint=wm_checkpoint, pessimism="1")
+    torch.manual_seed(0)
+    cfg = WmConfig(robot="panda", image_size=32, channels=(8, 8), latent_dim=16, hidden=32, predictor_hidden=64,
+                   value_heads=3)
+    unfitted = save_world_model(tmp_path / "unfitted", WorldModel(cfg), {"step": 250})
+    with pytest.raises(VlaStackError, match="never fitted"):
+        wrap_policy("wm", vla, env, checkpoint=unfitted, pessimism="1")
+    fitted = save_world_model(tmp_path / "fitted", WorldModel(cfg), {"value_ensemble": {"heads": 3}})
+    planner = wrap_policy("wm", vla, env, checkpoint=fitted, pessimism="1", k=2, deadline_s="none",
+                          max_simulations="16", batch_size="8")
+    obs, _ = env.reset(seed=1_000_000)
+    planner.reset(seed=1_000_000)
+    assert planner.pessimism == 1.0 and planner.predict_action_chunk(obs).shape == (8, 8)
 
 
 def test_planner_refuses_bad_observations_and_robots(env, vla, wm_checkpoint):

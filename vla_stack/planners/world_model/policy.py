@@ -259,7 +259,13 @@ def make_policy(policy, env, checkpoint=None, **options) -> WorldModelPlanner:
         options = {key: kinds[key](value) for key, value in options.items()}
     except ValueError as exc:
         raise VlaStackError(f"bad wm planner option: {exc}") from None
-    wm, _ = load_world_model(checkpoint or default_checkpoint())
+    wm, meta = load_world_model(checkpoint or default_checkpoint())
+    if options.get("pessimism", 0.0) > 0:
+        if wm.config.value_heads < 2:
+            raise VlaStackError("pessimism needs a world model with an ensemble of value heads (value_heads > 1)")
+        if "value_ensemble" not in meta:  # a checkpoint saved before train-wm's ensemble stage ended
+            raise VlaStackError("this world model's extra value heads were never fitted (no value_ensemble in its "
+                                "meta): finish train-wm before planning with pessimism")
     search_keys = {"batch_size", "max_depth", "children", "c_puct", "discount", "pw_k", "pw_alpha",
                    "max_simulations", "backup", "root_tolerance"}
     try:
