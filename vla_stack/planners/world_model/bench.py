@@ -36,8 +36,7 @@ def bench_planner(checkpoint: str | Path | None = None, vla_checkpoint: str | Pa
 
     torch.set_num_threads(threads)
     wm_path = Path(checkpoint or default_checkpoint())
-    wm, meta = load_world_model(wm_path)
-    cfg = wm.config
+    cfg = load_world_model(wm_path)[0].config  # its robot decides the VLA's embodiment and the scene
     vla_path = Path(vla_checkpoint or share_dir("policies") / "vla_tiny")
     vla = load_vla_policy(vla_path, cfg.robot, async_inference=False)
     env = TabletopEnv(task, cfg.robot, image_size=128)
@@ -45,6 +44,7 @@ def bench_planner(checkpoint: str | Path | None = None, vla_checkpoint: str | Pa
     try:
         planner = make_policy(vla, env, wm_path, **{"k": k, "deadline_s": deadline_s, "batch_size": batch_size,
                                                     **(options or {})})
+        wm = planner.wm  # throughput of the very model the decisions use
         # ---- raw predictor throughput
         goal = wm.embed_goal(["pick up the red cube"]).detach()
         lsm = LatentSearchModel(wm, goal)
